@@ -1,0 +1,110 @@
+"""The ``hypersd`` command line: parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from hypersd.errors import UserError
+
+
+def _generate(args) -> None:
+    from hypersd.generate import generate
+    result = generate(args.prompts, model=args.model, loras=args.lora or [], recipe=args.recipe,
+                      steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
+                      negative=args.negative, seed=args.seed, batch=args.batch, config=args.config)
+    paths = result.save(args.out)
+    print(f"wrote {len(paths) - 1} image(s) and the grid {paths[-1]}")
+
+
+def _demo(args) -> None:
+    from hypersd.demo import run_demo
+    print(f"wrote {run_demo(args.out, seed=args.seed)}")
+
+
+def _data(args) -> None:
+    from hypersd.data.emoji32 import build_emoji32
+    data = build_emoji32(args.tarball, args.out)
+    print(f"emoji32: {len(data)} images, sha256 {data.digest()} -> {args.out}")
+
+
+def _train_teacher(args) -> None:
+    from hypersd.teacher import TeacherConfig, export_pipeline, train_teacher
+    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
+    cfg = TeacherConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    run_dir = train_teacher(cfg)
+    if args.export and cfg.phase == "unet":
+        print(f"exported {export_pipeline(run_dir)}")
+
+
+def _export_teacher(args) -> None:
+    from hypersd.teacher import export_pipeline
+    print(f"exported {export_pipeline(args.run_dir, args.out)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hypersd.data.emoji32 import DEFAULT_DIR
+    from hypersd.models.mini import MINI_DIR
+
+    parser = argparse.ArgumentParser(prog="hypersd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images with a base model, LoRAs and a recipe")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    g.add_argument("--model", help="'mini' (default), a diffusers folder, a hub id or a .safetensors file")
+    g.add_argument("--config", help="diffusers config folder/hub id for a single-file --model")
+    g.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="repeat for several")
+    g.add_argument("--recipe", help="a named preset (see `hypersd recipes`); default 'teacher'")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--sampler", help="ddim | euler | lcm | tcd")
+    g.add_argument("--eta", type=float)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--negative", help="negative prompt (with guidance > 1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--out", default="outputs/generate")
+    g.set_defaults(func=_generate)
+
+    r = sub.add_parser("recipes", help="list the inference recipes")
+    r.set_defaults(func=lambda a: [print(f"{n:24s} {x.description}") for n, x in
+                                   __import__("hypersd.generate.recipes", fromlist=["x"]).load_recipes().items()])
+
+    d = sub.add_parser("demo", help="the bundled model: teacher at 25 steps next to 1/2/4/8 steps")
+    d.add_argument("--out", default="outputs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("data", help="build the emoji32 dataset from the npm package")
+    b.add_argument("--tarball", help="emoji-datasource-google-16.0.0.tgz (default: npm pack)")
+    b.add_argument("--out", default=str(DEFAULT_DIR))
+    b.set_defaults(func=_data)
+
+    t = sub.add_parser("train-teacher", help="train the mini teacher (phase vae, then unet)")
+    for f in dataclasses.fields(__import__("hypersd.teacher.config", fromlist=["x"]).TeacherConfig):
+        t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+    t.add_argument("--export", action="store_true", help=f"after the unet phase, write {MINI_DIR}")
+    t.set_defaults(func=_train_teacher)
+
+    e = sub.add_parser("export-teacher", help="write a run's VAE + EMA UNet as the pipeline folder")
+    e.add_argument("--run-dir", default="runs/teacher")
+    e.add_argument("--out", default=str(MINI_DIR))
+    e.set_defaults(func=_export_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"hypersd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hypersd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The emoji32 dataset: Noto emoji at 32x32 with captions from their names.
+
+Source: the npm package ``emoji-datasource-google`` (pinned to 16.0.0), whose 64x64 PNGs are
+Noto Emoji (Apache-2.0, see ``hypersd/assets/emoji32/NOTICE``). The build composites each
+image on white, downsamples it to 32x32 with a Lanczos filter and stores everything as one
+lossless PNG atlas plus a JSON index. Splits are deterministic: every image trains the
+teacher; base emoji (with all their skin-tone variants) are split about 90/10 by a hash of
+their name into a distillation split and an evaluation split, so that no caption is in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PACKAGE = "emoji-datasource-google"
+VERSION = "16.0.0"
+SIZE = 32
+ATLAS_COLUMNS = 64
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "emoji32"
+EVAL_FRACTION = 0.1
+
+SKIN_TONES = {  # Fitzpatrick modifiers, named as Unicode's CLDR names them
+    "1F3FB": "light skin tone",
+    "1F3FC": "medium-light skin tone",
+    "1F3FD": "medium skin tone",
+    "1F3FE": "medium-dark skin tone",
+    "1F3FF": "dark skin tone",
+}
+
+
+@dataclass
+class Emoji32:
+    """The processed dataset: ``images`` is uint8 (N, 32, 32, 3); one record per image."""
+
+    images: np.ndarray
+    captions: list[str]
+    base: list[str]  # code point of the base emoji, shared by its skin-tone variants
+    split: list[str]  # "distill" or "eval"
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def prompts(self, split: str) -> list[str]:
+        """Captions of one split ("distill", "eval" or "all"), in dataset order."""
+        if split not in ("distill", "eval", "all"):
+            raise ValueError(f"unknown split {split!r}: use 'distill', 'eval' or 'all'")
+        return [c for c, s in zip(self.captions, self.split) if split in ("all", s)]
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, s in enumerate(self.split) if split in ("all", s)]
+
+    def digest(self) -> str:
+        """SHA-256 over pixels and records: equal digests mean equal datasets."""
+        h = hashlib.sha256(self.images.tobytes())
+        h.update(json.dumps([self.captions, self.base, self.split]).encode())
+        return h.hexdigest()
+
+
+def _caption(name: str, tone_key: str | None) -> str:
+    caption = name.lower()
+    if tone_key:
+        caption += ": " + ", ".join(SKIN_TONES[k] for k in tone_key.split("-"))
+    return caption
+
+
+def _split_of(name: str) -> str:
+    # A stable hash of the base name (two code points can share one), independent of order.
+    bucket = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "eval" if bucket < EVAL_FRACTION else "distill"
+
+
+def _to32(png_bytes: bytes) -> np.ndarray:
+    rgba = Image.open(io.BytesIO(png_bytes)).convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    return np.asarray(rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def fetch_package(dest: Path) -> Path:
+    """Run ``npm pack`` for the pinned package into ``dest``; return the tarball's path."""
+    try:
+        out = subprocess.run(
+            ["npm", "pack", f"{PACKAGE}@{VERSION}", "--silent"],
+            cwd=dest, check=True, capture_output=True, text=True,
+        ).stdout.strip().splitlines()[-1]
+    except FileNotFoundError as e:
+        raise RuntimeError("npm is not installed: install Node.js, or pass --tarball") from e
+    return dest / out
+
+
+def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path = DEFAULT_DIR) -> Emoji32:
+    """Build emoji32 from the npm tarball (fetched with npm when not given) into ``out_dir``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tarball = Path(tarball) if tarball else fetch_package(Path(tmp))
+        with tarfile.open(tarball) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            read = lambda name: tar.extractfile(members[name]).read()  # noqa: E731
+            records = json.loads(read("package/emoji.json"))
+            records.sort(key=lambda r: (r["sort_order"], r["unified"]))
+            images, captions, bases, splits = [], [], [], []
+            for rec in records:
+                if not rec.get("has_img_google"):
+                    continue
+                variants = [(None, rec)] + sorted((rec.get("skin_variations") or {}).items())
+                for tone, var in variants:
+                    path = f"package/img/google/64/{var['image']}"
+                    if path not in members or not var.get("has_img_google", True):
+                        continue
+                    images.append(_to32(read(path)))
+                    captions.append(_caption(rec["name"], tone))
+                    bases.append(rec["unified"])
+                    splits.append(_split_of(_caption(rec["name"], None)))
+    data = Emoji32(np.stack(images), captions, bases, splits)
+    save_emoji32(data, out_dir)
+    return data
+
+
+def save_emoji32(data: Emoji32, out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(data)
+    rows = -(-n // ATLAS_COLUMNS)
+    atlas = np.full((rows * SIZE, ATLAS_COLUMNS * SIZE, 3), 255, np.uint8)
+    for i, img in enumerate(data.images):
+        r, c = divmod(i, ATLAS_COLUMNS)
+        atlas[r * SIZE:(r + 1) * SIZE, c * SIZE:(c + 1) * SIZE] = img
+    Image.fromarray(atlas).save(out_dir / "images.png", optimize=True)
+    index = {
+        "source": f"{PACKAGE}@{VERSION}", "size": SIZE, "columns": ATLAS_COLUMNS, "count": n,
+        "records": [{"caption": c, "base": b, "split": s}
+                    for c, b, s in zip(data.captions, data.base, data.split)],
+    }
+    (out_dir / "index.json").write_text(json.dumps(index, indent=0) + "\n")
+
+
+def load_emoji32(path: str | Path = DEFAULT_DIR) -> Emoji32:
+    """Load the processed dataset (the committed copy by default)."""
+    path = Path(path)
+    if not (path / "index.json").exists():
+        raise FileNotFoundError(f"no emoji32 dataset at {path}: run `hypersd data emoji32`")
+    index = json.loads((path / "index.json").read_text())
+    atlas = np.asarray(Image.open(path / "images.png").convert("RGB"))
+    s, cols = index["size"], index["columns"]
+    images = np.stack([atlas[(i // cols) * s:(i // cols + 1) * s, (i % cols) * s:(i % cols + 1) * s]
+                       for i in range(index["count"])])
+    recs = index["records"]
+    return Emoji32(images, [r["caption"] for r in recs], [r["base"] for r in recs],
+                   [r["split"] for r in recs])

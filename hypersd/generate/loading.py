@@ -1,0 +1,128 @@
+"""Loading a base pipeline (bundled, diffusers folder, hub id or single file) and LoRAs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler)
+
+from hypersd.errors import UserError
+from hypersd.models.mini import MINI_DIR, load_text_encoder
+
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
+             "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+              "lcm": LCMScheduler, "tcd": TCDScheduler}
+BUNDLED = "mini"
+
+
+def _model_index(model: str) -> dict:
+    folder = Path(model)
+    if folder.is_dir():
+        index = folder / "model_index.json"
+        if not index.exists():
+            raise UserError(f"{model} has no model_index.json: pass a diffusers pipeline folder")
+        return json.loads(index.read_text())
+    if folder.suffix or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UserError(f"model {model!r} not found: pass a diffusers folder, a hub id "
+                        "(owner/name) or a .safetensors checkpoint")
+    try:
+        from diffusers import DiffusionPipeline
+        return DiffusionPipeline.load_config(model)
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        raise UserError(f"cannot load hub model {model!r} ({type(e).__name__}); download it "
+                        "first or pass a local folder") from e
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith("conditioner.") for k in f.keys())
+
+
+def load_pipeline(model: str | None = None, dtype: torch.dtype | None = None,
+                  device: str | None = None, config: str | None = None):
+    """A StableDiffusion(XL)Pipeline for ``model``: None or "mini" is the bundled teacher.
+
+    The pipeline class is read from the folder's model_index.json. A single-file checkpoint
+    (.safetensors/.ckpt) is loaded with ``from_single_file``; offline, pass ``config``, a
+    folder or hub id holding the matching diffusers configuration.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    model = model or BUNDLED
+    if model == BUNDLED:
+        model = str(MINI_DIR)
+    path = Path(model)
+    if path.suffix in (".safetensors", ".ckpt"):
+        if not path.exists():
+            raise UserError(f"checkpoint {model} does not exist")
+        cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+        try:
+            pipe = cls.from_single_file(model, config=config, torch_dtype=dtype)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot load single-file checkpoint {model}: {e}. Offline, pass "
+                            "--config with the model's diffusers folder") from e
+        return pipe.to(device)
+    index = _model_index(model)
+    cls = PIPELINES.get(index.get("_class_name"))
+    if cls is None:
+        raise UserError(f"{model} is a {index.get('_class_name')}; supported: {', '.join(PIPELINES)}")
+    extra = {}
+    if cls is StableDiffusionPipeline and index.get("text_encoder", [None])[0] is None:
+        # Mini-world pipelines store no text encoder: MiniLM comes from its package.
+        extra["tokenizer"], extra["text_encoder"] = load_text_encoder()
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot load {model}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def parse_lora(spec: str) -> tuple[str, float | None]:
+    """'PATH' or 'PATH:SCALE' -> (path, scale or None)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path and not scale.startswith(("/", "\\")):
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, None
+
+
+def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    """Load LoRA files (diffusers/peft or kohya format) and activate them at their scales."""
+    names = []
+    for i, (path, scale) in enumerate(loras):
+        if not Path(path).exists():
+            raise UserError(f"LoRA file {path} does not exist")
+        name = f"lora{i}"
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except Exception as e:  # noqa: BLE001 - corrupt files and shape mismatches
+            raise UserError(f"cannot load LoRA {path}: {str(e).splitlines()[0][:200]}. Is it a "
+                            "LoRA for this base model (SD1.5 vs SDXL)?") from e
+        if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
+            raise UserError(f"LoRA {path} matched no layer of this model: it was made for "
+                            "another base model")
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
+
+
+def configure_scheduler(pipe, sampler: str, timestep_spacing: str | None = None,
+                        prediction_type: str | None = None) -> None:
+    """Swap in one of diffusers' schedulers, keeping the model's noise schedule."""
+    if sampler not in SCHEDULERS:
+        raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SCHEDULERS)}")
+    overrides = {}
+    if timestep_spacing:
+        overrides["timestep_spacing"] = timestep_spacing
+    if prediction_type:
+        overrides["prediction_type"] = prediction_type
+    pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config, **overrides)

@@ -1,0 +1,1 @@
+"""Model construction: the bundled mini model's architecture and text encoder."""

@@ -1,0 +1,32 @@
+"""Typed configuration of teacher training (defaults are the bundled model's settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TeacherConfig:
+    phase: str = "unet"              # "vae" or "unet"; the UNet needs a trained VAE in run_dir/vae
+    run_dir: str = "runs/teacher"    # checkpoints, TensorBoard logs, trained parts
+    steps: int = 60_000              # total optimizer steps of this phase
+    max_minutes: float = 0.0         # stop (after a checkpoint) when this wall time is spent; 0 = no limit
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9995        # EMA of the UNet weights; the exported teacher is the EMA
+    caption_dropout: float = 0.1     # share of captions replaced by "" so CFG works
+    min_snr_gamma: float = 5.0       # min-SNR loss weighting [Hang et al. 2023]; 0 = plain MSE
+    kl_weight: float = 1e-6          # VAE: weight of the KL term, as in SD's autoencoder
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    seed: int = 0
+    threads: int = 0                 # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self):
+        if self.phase not in ("vae", "unet"):
+            raise ValueError(f"phase must be 'vae' or 'unet', not {self.phase!r}")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError("steps and batch_size must be positive")

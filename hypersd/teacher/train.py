@@ -1,0 +1,213 @@
+"""Teacher training on emoji32, with accelerate: checkpoints, resume, EMA, TensorBoard.
+
+Phase "vae" trains the autoencoder (L1 + MSE reconstruction + a small KL term) and sets its
+``scaling_factor`` to 1 / std of the latents, as SD does. Phase "unet" trains the
+epsilon-predicting UNet on cached latents and cached MiniLM token embeddings, with caption
+dropout for classifier-free guidance and min-SNR weighting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from hypersd.data import load_emoji32
+from hypersd.models.mini import (MINI_DIR, build_scheduler, build_unet, build_vae,
+                                 load_text_encoder)
+from hypersd.teacher.config import TeacherConfig
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    if not folder.exists():
+        return []
+    return sorted((p for p in folder.iterdir() if p.name.startswith("checkpoint-")
+                   and p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int) -> None:
+    """accelerate's save_state, written to a temporary folder then renamed (atomic)."""
+    tmp = folder / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    os.replace(tmp, folder / f"checkpoint-{step}")
+    for old in _checkpoints(folder)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _images(device) -> torch.Tensor:
+    data = load_emoji32()
+    return torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+
+
+@torch.no_grad()
+def encode_captions(captions: list[str], batch: int = 256) -> torch.Tensor:
+    """MiniLM token embeddings (N, MAX_TOKENS, 384) of captions, padded as the pipeline pads."""
+    tokenizer, encoder = load_text_encoder()
+    out = []
+    for i in range(0, len(captions), batch):
+        ids = tokenizer(captions[i:i + batch], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        out.append(encoder(ids)[0])
+    return torch.cat(out)
+
+
+class _VaeTask:
+    def __init__(self, cfg: TeacherConfig, device):
+        self.cfg, self.images = cfg, _images(device)
+        self.model = build_vae()
+
+    def loss(self, model, g: torch.Generator):
+        idx = torch.randint(len(self.images), (self.cfg.batch_size,), generator=g)
+        x = self.images[idx.to(self.images.device)]
+        posterior = model.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(x)
+        recon = model.decode(z).sample
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        return rec + self.cfg.kl_weight * kl, {"recon": rec.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def finish(self, model, run_dir: Path) -> None:
+        model.eval()
+        latents = torch.cat([model.encode(self.images[i:i + 512]).latent_dist.mean
+                             for i in range(0, len(self.images), 512)])
+        model.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        model.save_pretrained(run_dir / "vae")
+
+
+class _UnetTask:
+    def __init__(self, cfg: TeacherConfig, run_dir: Path, device):
+        self.cfg = cfg
+        vae_dir = run_dir / "vae"
+        if not (vae_dir / "config.json").exists():
+            raise FileNotFoundError(f"no trained VAE in {vae_dir}: run the 'vae' phase first")
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(device)
+        images = _images(device)
+        with torch.no_grad():
+            dists = [vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
+        self.mean = torch.cat([d.mean for d in dists]) * vae.config.scaling_factor
+        self.std = torch.cat([d.std for d in dists]) * vae.config.scaling_factor
+        data = load_emoji32()
+        self.text = encode_captions(data.captions).to(device)
+        self.empty = encode_captions([""]).to(device)
+        self.scheduler = build_scheduler()
+        alphas = self.scheduler.alphas_cumprod.to(device)
+        self.snr = alphas / (1 - alphas)
+        self.model = build_unet()
+
+    def loss(self, model, g: torch.Generator):
+        cfg, n = self.cfg, self.cfg.batch_size
+        idx = torch.randint(len(self.mean), (n,), generator=g).to(self.mean.device)
+        z0 = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g).to(self.mean)
+        text = self.text[idx]
+        drop = (torch.rand(n, generator=g) < cfg.caption_dropout).to(text.device)
+        text = torch.where(drop[:, None, None], self.empty.expand_as(text), text)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=g).to(z0.device)
+        noise = torch.randn(z0.shape, generator=g).to(z0)
+        zt = self.scheduler.add_noise(z0, noise, t)
+        eps = model(zt, t, text).sample
+        per_sample = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:  # min-SNR-γ weights for epsilon prediction
+            snr = self.snr[t]
+            per_sample = per_sample * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        return per_sample.mean(), {}
+
+    def finish(self, model, run_dir: Path) -> None:
+        pass
+
+
+def train_teacher(cfg: TeacherConfig) -> Path:
+    """Train one phase, resuming from its latest checkpoint; return the run folder."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / cfg.phase
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(run_dir))
+    set_seed(cfg.seed)
+    task = (_VaeTask(cfg, accelerator.device) if cfg.phase == "vae"
+            else _UnetTask(cfg, run_dir, accelerator.device))
+    model = task.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay) if cfg.phase == "unet" else None
+    model, opt, lr_sched = accelerator.prepare(model, opt, lr_sched)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    start = 0
+    if (last := _checkpoints(ckpt_dir)[-1:]):
+        accelerator.load_state(str(last[0]))
+        start = int(last[0].name.split("-")[1])
+        accelerator.print(f"resuming {cfg.phase} from step {start}")
+    accelerator.init_trackers(f"teacher-{cfg.phase}")
+    began = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"teacher {cfg.phase}",
+               disable=not accelerator.is_local_main_process)
+    step, avg = start, None
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume-stable batches
+        loss, logs = task.loss(model, g)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint kept")
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(model.parameters())
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{avg:.4f}")
+        if (step + 1) % cfg.log_every == 0:
+            accelerator.log({"loss": loss.item(), "lr": lr_sched.get_last_lr()[0], **logs}, step=step + 1)
+        out_of_time = cfg.max_minutes and time.time() - began > cfg.max_minutes * 60
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
+            _save_checkpoint(accelerator, ckpt_dir, step + 1, cfg.keep_checkpoints)
+            _save_weights(accelerator.unwrap_model(model), ema, run_dir, cfg.phase, task)
+            if out_of_time:
+                break
+    accelerator.end_training()
+    return run_dir
+
+
+def _save_weights(model, ema, run_dir: Path, phase: str, task) -> None:
+    if phase == "vae":
+        task.finish(model, run_dir)
+        model.train()
+        return
+    unet = build_unet()
+    unet.load_state_dict(model.state_dict())
+    ema.copy_to(unet.parameters())
+    tmp = run_dir / ".tmp-unet"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp)
+    shutil.rmtree(run_dir / "unet", ignore_errors=True)
+    os.replace(tmp, run_dir / "unet")
+
+
+def export_pipeline(run_dir: str | Path, out_dir: str | Path = MINI_DIR) -> Path:
+    """Write run_dir's VAE and EMA UNet as a diffusers StableDiffusionPipeline folder in fp16."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    vae = AutoencoderKL.from_pretrained(run_dir / "vae")
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True, variant=None)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

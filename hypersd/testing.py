@@ -1,0 +1,70 @@
+"""Tiny randomly initialised SD1.5- and SDXL-shaped pipelines, built from configs offline.
+
+They exercise the real loading, LoRA and sampling code paths without any download: the
+tokenizer is MiniLM's (shipped by a package), the text encoders are tiny CLIP models.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from hypersd.models.mini import SD15_SCHEDULE, minilm_path
+
+TOKENS = 16
+
+
+def _tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path(), model_max_length=TOKENS)
+
+
+def _clip_config(hidden: int, projection: int = 32) -> CLIPTextConfig:
+    # [SEP] (102) ends MiniLM's token ids; CLIP pools its hidden state there.
+    return CLIPTextConfig(vocab_size=30522, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TOKENS,
+                          projection_dim=projection, bos_token_id=101, eos_token_id=102, pad_token_id=0)
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                         norm_num_groups=8, sample_size=16)
+
+
+def tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
+    """An SD1.5-shaped pipeline: CLIP text encoder, cross-attention UNet, 16x16 images."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=16)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_clip_config(32)), tokenizer=_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULE), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """An SDXL-shaped pipeline: two text encoders, pooled embeddings and time ids."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=16)
+    scheduler = DDIMScheduler(**SD15_SCHEDULE)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_clip_config(32)),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(32, projection=32)),
+        tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hypersd.quiet import quiet_libraries
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

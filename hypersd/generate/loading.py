@@ -62,11 +62,11 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype | None = None,
             raise UserError(f"checkpoint {model} does not exist")
         cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
         try:
-            pipe = cls.from_single_file(model, config=config, torch_dtype=dtype)
+            pipe = cls.from_single_file(model, config=config)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot load single-file checkpoint {model}: {e}. Offline, pass "
                             "--config with the model's diffusers folder") from e
-        return pipe.to(device)
+        return pipe.to(device, dtype)
     index = _model_index(model)
     cls = PIPELINES.get(index.get("_class_name"))
     if cls is None:
@@ -77,11 +77,11 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype | None = None,
         extra["tokenizer"], extra["text_encoder"] = load_text_encoder()
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
+        pipe = cls.from_pretrained(model, **extra)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load {model}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device, dtype)
 
 
 def parse_lora(spec: str) -> tuple[str, float | None]:

@@ -23,7 +23,9 @@ class TeacherConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     seed: int = 0
+    handoff: str = "train-state/teacher-unet.safetensors"  # UNet weights + EMA kept in git between sessions
     threads: int = 0                 # torch CPU threads; 0 = torch's default
+    max_images: int = 0              # train on the first N images only (smoke tests); 0 = all
 
     def __post_init__(self):
         if self.phase not in ("vae", "unet"):

@@ -21,6 +21,8 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hypersd.data import load_emoji32
@@ -46,9 +48,9 @@ def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: in
         shutil.rmtree(old)
 
 
-def _images(device) -> torch.Tensor:
-    data = load_emoji32()
-    return torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+def _images(device, limit: int = 0) -> torch.Tensor:
+    images = load_emoji32().images[:limit or None]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
 
 
 @torch.no_grad()
@@ -65,7 +67,7 @@ def encode_captions(captions: list[str], batch: int = 256) -> torch.Tensor:
 
 class _VaeTask:
     def __init__(self, cfg: TeacherConfig, device):
-        self.cfg, self.images = cfg, _images(device)
+        self.cfg, self.images = cfg, _images(device, cfg.max_images)
         self.model = build_vae()
 
     def loss(self, model, g: torch.Generator):
@@ -94,13 +96,13 @@ class _UnetTask:
         if not (vae_dir / "config.json").exists():
             raise FileNotFoundError(f"no trained VAE in {vae_dir}: run the 'vae' phase first")
         vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(device)
-        images = _images(device)
+        images = _images(device, cfg.max_images)
         with torch.no_grad():
             dists = [vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
         self.mean = torch.cat([d.mean for d in dists]) * vae.config.scaling_factor
         self.std = torch.cat([d.std for d in dists]) * vae.config.scaling_factor
         data = load_emoji32()
-        self.text = encode_captions(data.captions).to(device)
+        self.text = encode_captions(data.captions[:len(images)]).to(device)
         self.empty = encode_captions([""]).to(device)
         self.scheduler = build_scheduler()
         alphas = self.scheduler.alphas_cumprod.to(device)
@@ -133,7 +135,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / cfg.phase
+    ckpt_dir = run_dir / f"{cfg.phase}-checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(log_with="tensorboard", project_dir=str(run_dir))
     set_seed(cfg.seed)
@@ -151,6 +153,11 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         accelerator.load_state(str(last[0]))
         start = int(last[0].name.split("-")[1])
         accelerator.print(f"resuming {cfg.phase} from step {start}")
+    elif ema is not None and Path(cfg.handoff).exists():
+        start = _load_handoff(cfg.handoff, accelerator.unwrap_model(model), ema)
+        lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps // 4)
+        accelerator.print(f"resuming unet from the handoff {cfg.handoff} at step {start} "
+                          "(fresh optimizer state)")
     accelerator.init_trackers(f"teacher-{cfg.phase}")
     began = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"teacher {cfg.phase}",
@@ -178,8 +185,29 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             _save_weights(accelerator.unwrap_model(model), ema, run_dir, cfg.phase, task)
             if out_of_time:
                 break
+    if ema is not None and cfg.handoff and accelerator.is_main_process:
+        _save_handoff(cfg.handoff, accelerator.unwrap_model(model), ema, step + 1)
     accelerator.end_training()
     return run_dir
+
+
+def _save_handoff(path: str, model, ema, step: int) -> None:
+    """Model and EMA weights in fp32 (no optimizer state): small enough to keep in git."""
+    tensors = {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{i}": p.detach().float().contiguous() for i, p in enumerate(ema.shadow_params)})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, f"{path}.tmp", metadata={"step": str(step), "ema_step": str(ema.optimization_step)})
+    os.replace(f"{path}.tmp", path)
+
+
+def _load_handoff(path: str, model, ema) -> int:
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        model.load_state_dict({k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})
+        for i, p in enumerate(ema.shadow_params):
+            p.data.copy_(f.get_tensor(f"ema.{i}"))
+    ema.optimization_step = int(meta["ema_step"])
+    return int(meta["step"])
 
 
 def _save_weights(model, ema, run_dir: Path, phase: str, task) -> None:

@@ -43,6 +43,37 @@ def _export_teacher(args) -> None:
     print(f"exported {export_pipeline(args.run_dir, args.out)}")
 
 
+def _train_classifier(args) -> None:
+    from hypersd.metrics.classifier import ClassifierConfig, train_classifier
+    fields = {f.name for f in dataclasses.fields(ClassifierConfig)}
+    cfg = ClassifierConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    print(f"wrote {train_classifier(cfg)}")
+
+
+def _eval(args) -> None:
+    from hypersd.evaluate import EvalConfig, run_eval
+    cfg = EvalConfig(model=args.model, loras=args.lora or [], recipe=args.recipe,
+                     steps=[int(s) for s in args.steps.split(",")], label=args.label,
+                     split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out)
+    rows = run_eval(cfg)
+    from hypersd.evaluate import markdown_table
+    print(markdown_table(rows))
+    print(f"wrote {cfg.out_dir}/table.md, results.json, metrics.png and the grid")
+
+
+def _bench(args) -> None:
+    from hypersd.bench.speed import SpeedConfig, bench_speed
+    cfg = SpeedConfig(model=args.model, repeats=args.repeats, out_dir=args.out, threads=args.threads)
+    bench_speed(cfg)
+    print(f"wrote {cfg.out_dir}/speed.md and speed.json")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One --flag per dataclass field, typed like its default (None = keep the default)."""
+    for f in dataclasses.fields(config_cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hypersd.data.emoji32 import DEFAULT_DIR
     from hypersd.models.mini import MINI_DIR
@@ -66,6 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs/generate")
     g.set_defaults(func=_generate)
 
+    v = sub.add_parser("eval", help="quality against steps on the emoji32 evaluation split")
+    v.add_argument("--model")
+    v.add_argument("--lora", action="append", metavar="PATH[:SCALE]")
+    v.add_argument("--recipe", default="teacher")
+    v.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
+    v.add_argument("--label", help="row name in the table (default: recipe + LoRA)")
+    v.add_argument("--split", default="eval", help="eval | distill | all")
+    v.add_argument("--samples", type=int, default=840, help="images per step count")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", default="outputs/eval")
+    v.set_defaults(func=_eval)
+
+    sp = sub.add_parser("bench", help="benchmarks: `bench speed`")
+    sp.add_argument("what", choices=["speed"])
+    sp.add_argument("--model")
+    sp.add_argument("--repeats", type=int, default=7)
+    sp.add_argument("--threads", type=int, default=0)
+    sp.add_argument("--out", default="benchmarks")
+    sp.set_defaults(func=_bench)
+
     r = sub.add_parser("recipes", help="list the inference recipes")
     r.set_defaults(func=lambda a: [print(f"{n:24s} {x.description}") for n, x in
                                    __import__("hypersd.generate.recipes", fromlist=["x"]).load_recipes().items()])
@@ -81,10 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_data)
 
     t = sub.add_parser("train-teacher", help="train the mini teacher (phase vae, then unet)")
-    for f in dataclasses.fields(__import__("hypersd.teacher.config", fromlist=["x"]).TeacherConfig):
-        t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
+    from hypersd.teacher.config import TeacherConfig
+    _add_config_flags(t, TeacherConfig)
     t.add_argument("--export", action="store_true", help=f"after the unet phase, write {MINI_DIR}")
     t.set_defaults(func=_train_teacher)
+
+    c = sub.add_parser("train-classifier", help="train the emoji network behind the mini-world metrics")
+    from hypersd.metrics.classifier import ClassifierConfig
+    _add_config_flags(c, ClassifierConfig)
+    c.set_defaults(func=_train_classifier)
 
     e = sub.add_parser("export-teacher", help="write a run's VAE + EMA UNet as the pipeline folder")
     e.add_argument("--run-dir", default="runs/teacher")

@@ -55,6 +55,9 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype | None = None,
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     model = model or BUNDLED
     if model == BUNDLED:
+        if not (MINI_DIR / "model_index.json").exists():
+            raise UserError(f"the bundled mini teacher is missing from {MINI_DIR}: "
+                            "run scripts/train_teacher.sh")
         model = str(MINI_DIR)
     path = Path(model)
     if path.suffix in (".safetensors", ".ckpt"):

@@ -1,0 +1,1 @@
+"""Benchmarks (scripts that print and write tables, not timed tests)."""

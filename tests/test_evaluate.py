@@ -1,0 +1,40 @@
+"""`hypersd eval` end to end on the bundled model with a randomly initialised emoji network."""
+
+import json
+
+import pytest
+from safetensors.torch import save_file
+
+from hypersd.data import load_emoji32
+from hypersd.evaluate import EvalConfig, markdown_table, run_eval
+from hypersd.metrics.classifier import EmojiNet
+
+
+@pytest.fixture(scope="module")
+def random_classifier(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("classifier")
+    classes = list(dict.fromkeys(load_emoji32().captions))
+    net = EmojiNet(len(classes), width=8, feature_dim=8)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"width": 8, "feature_dim": 8, "classes": classes}))
+    return str(folder)
+
+
+def test_eval_writes_table_plot_grid_and_resumes(tmp_path, random_classifier):
+    cfg = EvalConfig(recipe="teacher-trailing", steps=[1, 2], samples=12, batch=6, out_dir=str(tmp_path),
+                     classifier=random_classifier, grid_prompts=3)
+    rows = run_eval(cfg)
+    assert set(rows) == {"teacher-trailing@1", "teacher-trailing@2"}
+    for row in rows.values():
+        lo, hi = row["top5_ci"]
+        assert 0 <= lo <= row["top5"] <= hi <= 100
+        assert row["fd"] >= 0 and row["fd_teacher"] >= 0
+    for name in ("results.json", "table.md", "metrics.png", "grid-teacher-trailing.png"):
+        assert (tmp_path / name).exists()
+    images = sorted((tmp_path / "images").rglob("*.png"))
+    assert len(images) == 3 * 12  # the teacher reference and two step counts
+    stamps = [p.stat().st_mtime_ns for p in images]
+    run_eval(EvalConfig(**{**cfg.__dict__, "steps": [2], "label": "again"}))
+    assert [p.stat().st_mtime_ns for p in images] == stamps, "an interrupted run must reuse images"
+    table = markdown_table(json.loads((tmp_path / "results.json").read_text()))
+    assert table.count("\n") == 2 + 3 and "| again | 2 |" in table

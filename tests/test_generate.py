@@ -110,6 +110,7 @@ def _cli(tmp_path, *args):
     (["a cat", "--sampler", "plms"], "unknown sampler"),
     (["a cat", "--recipe", "turbo"], "unknown recipe"),
     (["a cat", "--lora", "/nonexistent.safetensors"], "does not exist"),
+    (["a cat", "--recipe", "lightning", "--negative", "blurry"], "needs classifier-free guidance"),
 ])
 def test_bad_input_exits_2_without_files(tiny_dirs, tmp_path, capsys, args, message):
     args = [a.replace("SD15", tiny_dirs["sd15"]) for a in args]
@@ -136,6 +137,12 @@ def test_cli_writes_images_and_grid(tiny_dirs, tmp_path):
                    "--batch", "2")
     assert rc == 0
     assert len(list(out.glob("0*.png"))) == 4 and (out / "grid.png").exists()
+
+
+def test_negative_prompt_changes_the_image_under_cfg(tiny_dirs):
+    plain = generate(["a cat"], model=tiny_dirs["sd15"], recipe="hyper-sd-cfg", seed=2)
+    negative = generate(["a cat"], model=tiny_dirs["sd15"], recipe="hyper-sd-cfg", seed=2, negative="a dog")
+    assert np.abs(_array(plain.images) - _array(negative.images)).max() > 0
 
 
 def test_loading_picks_the_pipeline_class(tiny_dirs):

@@ -49,6 +49,7 @@ def test_teacher_training_resumes_and_exports(tmp_path):
     assert image.size == (32, 32)
 
 
-def test_bad_phase_is_refused():
-    with pytest.raises(ValueError, match="phase"):
-        TeacherConfig(phase="clip")
+def test_bad_teacher_config_exits_2(capsys):
+    from hypersd.cli import main
+    assert main(["train-teacher", "--phase", "clip"]) == 2
+    assert "phase must be" in capsys.readouterr().err

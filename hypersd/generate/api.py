@@ -109,6 +109,10 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
     if batch < 1:
         raise UserError("--batch must be at least 1")
     r = resolve_recipe(recipe, steps=steps, sampler=sampler, eta=eta, guidance=guidance)
+    if negative and r.guidance <= 1:
+        raise UserError(f"a negative prompt needs classifier-free guidance, and recipe {r.name!r} "
+                        f"runs at guidance {r.guidance:g}: pass --guidance above 1 or use a "
+                        "recipe that keeps CFG (teacher, hyper-sd-cfg)")
     parsed = [(p, r.lora_scale if s is None else s) for p, s in map(parse_lora, loras)]
     if pipe is None:
         pipe = load_pipeline(model, config=config)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hypersd.errors import UserError
+
 
 @dataclass
 class TeacherConfig:
@@ -29,6 +31,6 @@ class TeacherConfig:
 
     def __post_init__(self):
         if self.phase not in ("vae", "unet"):
-            raise ValueError(f"phase must be 'vae' or 'unet', not {self.phase!r}")
+            raise UserError(f"phase must be 'vae' or 'unet', not {self.phase!r}")
         if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("steps and batch_size must be positive")
+            raise UserError("steps and batch_size must be positive")

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hypersd.data import load_emoji32
+from hypersd.errors import UserError
 from hypersd.models.mini import (MINI_DIR, build_scheduler, build_unet, build_vae,
                                  load_text_encoder)
 from hypersd.teacher.config import TeacherConfig
@@ -87,14 +88,18 @@ class _VaeTask:
                              for i in range(0, len(self.images), 512)])
         model.register_to_config(scaling_factor=float(1.0 / latents.std()))
         model.save_pretrained(run_dir / "vae")
+        if self.cfg.handoff:  # the UNet phase on another machine needs the same VAE
+            model.save_pretrained(Path(self.cfg.handoff).with_name("teacher-vae"))
 
 
 class _UnetTask:
     def __init__(self, cfg: TeacherConfig, run_dir: Path, device):
         self.cfg = cfg
         vae_dir = run_dir / "vae"
+        if not (vae_dir / "config.json").exists() and cfg.handoff:
+            vae_dir = Path(cfg.handoff).with_name("teacher-vae")
         if not (vae_dir / "config.json").exists():
-            raise FileNotFoundError(f"no trained VAE in {vae_dir}: run the 'vae' phase first")
+            raise UserError(f"no trained VAE in {vae_dir}: run the 'vae' phase first")
         vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(device)
         images = _images(device, cfg.max_images)
         with torch.no_grad():

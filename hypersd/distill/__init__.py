@@ -1,0 +1,1 @@
+"""Distillation: schedule math, the denoiser wrapper, and (to come) methods and the training loop."""

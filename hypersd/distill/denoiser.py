@@ -1,0 +1,78 @@
+"""One wrapper hides the parameterisation: any diffusers UNet -> (x̂₀, ε̂) at (x_t, t).
+
+Everything downstream (solvers, losses, samplers) speaks x₀ and ε. Conversions for
+ᾱ = alphas_cumprod[t], x_t = √ᾱ x₀ + √(1-ᾱ) ε:
+  epsilon: x̂₀ = (x_t - √(1-ᾱ) ε̂) / √ᾱ
+  v:       x̂₀ = √ᾱ x_t - √(1-ᾱ) v̂,   ε̂ = √(1-ᾱ) x_t + √ᾱ v̂        [Salimans & Ho 2022]
+  sample:  ε̂ = (x_t - √ᾱ x̂₀) / √(1-ᾱ)
+Classifier-free guidance mixes the two predictions linearly, ε̂ = ε̂_u + ω (ε̂_c - ε̂_u) (and
+so x̂₀ alike); LCM's "w" is ω - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class Prediction:
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return a.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def to_x0_eps(out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> Prediction:
+    """Convert a network output of the given parameterisation into (x̂₀, ε̂)."""
+    a = _bcast(alpha, x_t)
+    sa, s1a = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        return Prediction((x_t - s1a * out) / sa, out)
+    if prediction_type == "v_prediction":
+        return Prediction(sa * x_t - s1a * out, s1a * x_t + sa * out)
+    if prediction_type == "sample":
+        return Prediction(out, (x_t - sa * out) / s1a)
+    raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+class Denoiser:
+    """Wraps a UNet2DConditionModel; ``cond`` holds its keyword inputs (SD: encoder_hidden_states;
+    SDXL also added_cond_kwargs)."""
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+        self.unet, self.prediction_type = unet, prediction_type
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t (float64) for integer timesteps; t = -1 means "clean" (ᾱ = 1)."""
+        a = self.alphas_cumprod.to(t.device)[t.clamp(min=0)]
+        return torch.where(t < 0, torch.ones_like(a), a)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
+                 uncond: dict | None = None, guidance: torch.Tensor | float | None = None) -> Prediction:
+        """(x̂₀, ε̂) at x_t; with ``uncond`` and ``guidance``, classifier-free guided."""
+        if uncond is None or guidance is None:
+            out = self.unet(x_t, t, **cond).sample
+            return to_x0_eps(out, x_t, self.alpha(t), self.prediction_type)
+        both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **_cat_cond(uncond, cond)).sample
+        u, c = both.chunk(2)
+        w = _bcast(torch.as_tensor(guidance, dtype=torch.float64).expand(len(x_t)), x_t)
+        return to_x0_eps(u + w * (c - u), x_t, self.alpha(t), self.prediction_type)
+
+
+def _cat_cond(a: dict, b: dict) -> dict:
+    out = {}
+    for key in a:
+        if isinstance(a[key], dict):
+            out[key] = _cat_cond(a[key], b[key])
+        else:
+            out[key] = torch.cat([a[key], b[key]])
+    return out

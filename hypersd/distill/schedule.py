@@ -1,0 +1,97 @@
+"""Pure schedule and segment math, in float64.
+
+Notation: T training timesteps (1000), ᾱ_t = alphas_cumprod[t], x_t = √ᾱ_t x₀ + √(1-ᾱ_t) ε.
+The DDIM solver works on a grid of N timesteps; TSCD cuts [0, T) into k equal segments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+T = 1000
+
+
+def sd_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
+                      num_train_timesteps: int = T) -> np.ndarray:
+    """ᾱ of SD's "scaled_linear" schedule: betas linear in √β [Rombach et al. 2022]."""
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def solver_grid(num_points: int, num_train_timesteps: int = T) -> np.ndarray:
+    """The DDIM solver's timesteps t_0 < t_1 < ... : step T/N, ending at T - 1 (trailing).
+
+    [LCM: skipping-step grid of N points; here the points are T/N·n - 1, n = 1..N, so
+    the last is T - 1 and for N = 4 the grid is 249, 499, 749, 999 as in Hyper-SD §3.1.]
+    """
+    if not 1 <= num_points <= num_train_timesteps or num_train_timesteps % num_points:
+        raise ValueError(f"num_points must divide {num_train_timesteps}, got {num_points}")
+    step = num_train_timesteps // num_points
+    return np.arange(1, num_points + 1) * step - 1
+
+
+def segment_start(t, k: int, num_train_timesteps: int = T):
+    """Start of the segment holding t when [0, T) is cut into k equal segments.
+
+    [t_b = floor(t / (T/k)) · (T/k), Hyper-SD §3.1]. k = 1 gives 0 for every t (CTM/TCD).
+    """
+    if k < 1 or num_train_timesteps % k:
+        raise ValueError(f"segment count must divide {num_train_timesteps}, got {k}")
+    width = num_train_timesteps // k
+    return (np.asarray(t) // width) * width
+
+
+def t_end(rule: str, t_n, t_prev, k: int, u=None, num_train_timesteps: int = T):
+    """Where the consistency target lands, for a sample at t_n whose solver step reaches t_prev.
+
+    rule "zero": 0 (LCM: the student predicts x₀ directly);
+    rule "edge": the segment start t_b (PCM phases);
+    rule "uniform": t_b + u·(t_prev - t_b), u ~ U[0, 1), floored to an integer timestep
+                    [t_end ~ U[t_b, t_{n-1}], Hyper-SD §3.1; with k = 1 this is CTM/TCD].
+    """
+    t_n, t_prev = np.asarray(t_n), np.asarray(t_prev)
+    if rule == "zero":
+        return np.zeros_like(t_n)
+    start = segment_start(t_n, k, num_train_timesteps)
+    if rule == "edge":
+        return start
+    if rule == "uniform":
+        if u is None:
+            raise ValueError("rule 'uniform' needs u ~ U[0, 1)")
+        span = np.maximum(t_prev - start, 0)
+        return start + np.floor(np.asarray(u) * (span + 1)).astype(np.int64).clip(max=span)
+    raise ValueError(f"unknown t_end rule {rule!r}: use 'zero', 'edge' or 'uniform'")
+
+
+def ddim_step(x0, eps, alpha_s):
+    """Ψ: the DDIM (η = 0) step to timestep s, given the predictions (x̂₀, ε̂) made at x_t.
+
+    x_s = √ᾱ_s x̂₀ + √(1-ᾱ_s) ε̂  [Song et al. 2021, eq. 12 with σ = 0]. ``alpha_s`` is ᾱ_s,
+    broadcastable to x; ᾱ = 1 lands on x̂₀ exactly.
+    """
+    return alpha_s ** 0.5 * x0 + (1 - alpha_s) ** 0.5 * eps
+
+
+def lcm_boundary_scalings(t, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """c_skip(t), c_out(t) with c_skip(0) = 1, c_out(0) = 0 [LCM §4.2; Song et al. 2023].
+
+    c_skip = σ_d² / ((s·t)² + σ_d²),  c_out = s·t / √((s·t)² + σ_d²), s = timestep scaling.
+    """
+    st = np.asarray(t, dtype=np.float64) * timestep_scaling
+    c_skip = sigma_data ** 2 / (st ** 2 + sigma_data ** 2)
+    c_out = st / np.sqrt(st ** 2 + sigma_data ** 2)
+    return c_skip, c_out
+
+
+def tcd_timesteps(num_steps: int, gamma: float, num_train_timesteps: int = T,
+                  original_steps: int = 50) -> list[tuple[int, int]]:
+    """(t, s) pairs of TCD's sampler: predict x_s at s = floor((1 - γ)·t_prev), then re-noise.
+
+    [TCD, Zheng et al. 2024, Alg. 4.] t runs over ``num_steps`` points of the
+    ``original_steps`` grid, evenly spaced from the top.
+    """
+    grid = solver_grid(original_steps, num_train_timesteps)[::-1]
+    idx = np.floor(np.arange(num_steps) * len(grid) / num_steps).astype(np.int64)
+    ts = grid[idx]
+    prev = list(ts[1:]) + [0]
+    return [(int(t), int(np.floor((1 - gamma) * p))) for t, p in zip(ts, prev)]

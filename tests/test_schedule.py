@@ -1,0 +1,114 @@
+"""Schedule and segment math against hand-computed values and diffusers' schedulers."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler, UNet2DConditionModel
+
+from hypersd.distill.denoiser import Denoiser, to_x0_eps
+from hypersd.distill.schedule import (ddim_step, lcm_boundary_scalings, sd_alphas_cumprod,
+                                      segment_start, solver_grid, t_end, tcd_timesteps)
+from hypersd.models.mini import SD15_SCHEDULE
+
+
+def test_alphas_match_diffusers():
+    ours = sd_alphas_cumprod()
+    theirs = DDIMScheduler(**SD15_SCHEDULE).alphas_cumprod.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+def test_solver_grid_is_ddim_trailing():
+    assert solver_grid(4).tolist() == [249, 499, 749, 999]
+    for n in (1, 2, 4, 8, 50):
+        sched = DDIMScheduler(**{**SD15_SCHEDULE, "timestep_spacing": "trailing"})
+        sched.set_timesteps(n)
+        assert solver_grid(n)[::-1].tolist() == sched.timesteps.tolist()
+    with pytest.raises(ValueError):
+        solver_grid(3)
+
+
+@pytest.mark.parametrize("t, k, start", [(999, 4, 750), (750, 4, 750), (749, 4, 500), (249, 4, 0),
+                                         (130, 8, 125), (124, 8, 0), (999, 1, 0), (999, 2, 500),
+                                         (499, 2, 0), (0, 8, 0)])
+def test_segment_start(t, k, start):
+    assert segment_start(t, k) == start
+
+
+def test_t_end_rules():
+    t_n, t_prev = np.array([999, 749, 300]), np.array([979, 729, 280])
+    assert t_end("zero", t_n, t_prev, 4).tolist() == [0, 0, 0]
+    assert t_end("edge", t_n, t_prev, 4).tolist() == [750, 500, 250]
+    assert t_end("uniform", t_n, t_prev, 4, u=np.zeros(3)).tolist() == [750, 500, 250]
+    assert t_end("uniform", t_n, t_prev, 4, u=np.full(3, 0.999999)).tolist() == [979, 729, 280]
+    u = np.random.default_rng(0).random((10000, 1)) * np.ones((1, 3))
+    draws = t_end("uniform", np.tile(t_n, (10000, 1)), np.tile(t_prev, (10000, 1)), 4, u=u)
+    assert (draws >= [750, 500, 250]).all() and (draws <= t_prev).all()
+    # uniform over the integers of [t_b, t_prev]: mean at the middle
+    np.testing.assert_allclose(draws.mean(0), ([750, 500, 250] + t_prev) / 2, atol=1.5)
+    # k = 1 is CTM/TCD: anywhere in [0, t_prev]
+    assert t_end("uniform", 999, 979, 1, u=0.0) == 0
+    with pytest.raises(ValueError):
+        t_end("middle", t_n, t_prev, 4)
+
+
+def test_ddim_step_matches_diffusers():
+    sched = DDIMScheduler(**SD15_SCHEDULE)
+    sched.set_timesteps(20)
+    g = torch.Generator().manual_seed(0)
+    x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = int(sched.timesteps[3])
+    s = t - 1000 // 20
+    alphas = torch.as_tensor(sd_alphas_cumprod())
+    pred = to_x0_eps(eps.double(), x_t.double(), alphas[[t, t]], "epsilon")
+    ours = ddim_step(pred.x0, pred.eps, alphas[s])
+    theirs = sched.step(eps, t, x_t, eta=0.0).prev_sample
+    torch.testing.assert_close(ours.float(), theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_parameterisations_round_trip(kind):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 4, 4, 4, generator=g).double(), torch.randn(3, 4, 4, 4, generator=g).double()
+    alpha = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)
+    a = alpha.reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[kind]
+    pred = to_x0_eps(out, x_t, alpha, kind)
+    torch.testing.assert_close(pred.x0, x0)
+    torch.testing.assert_close(pred.eps, eps)
+
+
+def test_lcm_scalings_match_diffusers():
+    sched = LCMScheduler(**{k: v for k, v in SD15_SCHEDULE.items() if k != "clip_sample"})
+    for t in (0, 1, 19, 259, 999):
+        c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(torch.tensor(t))
+        ours = lcm_boundary_scalings(t)
+        assert ours[0] == pytest.approx(float(c_skip), rel=1e-6) and ours[1] == pytest.approx(float(c_out), rel=1e-6)
+    assert lcm_boundary_scalings(0) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("steps, gamma", [(1, 1.0), (2, 0.3), (4, 0.3), (8, 0.0)])
+def test_tcd_timesteps_match_diffusers(steps, gamma):
+    sched = TCDScheduler(**{k: v for k, v in SD15_SCHEDULE.items() if k != "clip_sample"})
+    sched.set_timesteps(steps)
+    pairs = tcd_timesteps(steps, gamma)
+    assert [t for t, _ in pairs] == sched.timesteps.tolist()
+    prev = sched.timesteps.tolist()[1:] + [0]
+    assert [s for _, s in pairs] == [int(np.floor((1 - gamma) * p)) for p in prev]
+
+
+def test_denoiser_cfg_is_linear_in_guidance():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16, norm_num_groups=16)
+    den = Denoiser(unet, sd_alphas_cumprod())
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 20])
+    c, u = {"encoder_hidden_states": torch.randn(2, 3, 16)}, {"encoder_hidden_states": torch.zeros(2, 3, 16)}
+    with torch.no_grad():
+        pc, pu = den(x, t, c), den(x, t, u)
+        p1, p3 = den(x, t, c, u, 1.0), den(x, t, c, u, 3.0)
+    torch.testing.assert_close(p1.eps, pc.eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p3.eps, pu.eps + 3 * (pc.eps - pu.eps), atol=1e-5, rtol=1e-5)
+    assert den.alpha(torch.tensor([-1]))[0] == 1.0

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler, UNet2DConditionModel
 
 from hypersd.distill.denoiser import Denoiser, to_x0_eps
-from hypersd.distill.schedule import (ddim_step, lcm_boundary_scalings, sd_alphas_cumprod,
+from hypersd.distill.schedule import (check_grid, ddim_step, lcm_boundary_scalings, sd_alphas_cumprod,
                                       segment_start, solver_grid, t_end, tcd_timesteps)
 from hypersd.models.mini import SD15_SCHEDULE
 
@@ -27,26 +27,39 @@ def test_solver_grid_is_ddim_trailing():
         solver_grid(3)
 
 
-@pytest.mark.parametrize("t, k, start", [(999, 4, 750), (750, 4, 750), (749, 4, 500), (249, 4, 0),
-                                         (130, 8, 125), (124, 8, 0), (999, 1, 0), (999, 2, 500),
-                                         (499, 2, 0), (0, 8, 0)])
+@pytest.mark.parametrize("t, k, start", [(999, 4, 749), (750, 4, 749), (749, 4, 499), (249, 4, -1),
+                                         (130, 8, 124), (124, 8, -1), (999, 1, -1), (999, 2, 499),
+                                         (499, 2, -1), (0, 8, -1)])
 def test_segment_start(t, k, start):
     assert segment_start(t, k) == start
 
 
+def test_segment_edges_are_the_trailing_sampler_steps():
+    for k in (1, 2, 4, 8):
+        top = solver_grid(k)  # the k-step trailing DDIM timesteps
+        assert [int(segment_start(t, k)) for t in top[::-1]] == top[::-1][1:].tolist() + [-1]
+
+
+def test_grid_must_hold_the_edges():
+    check_grid(40, 8)
+    check_grid(200, 4)
+    with pytest.raises(ValueError, match="solver grid"):
+        check_grid(50, 4)
+
+
 def test_t_end_rules():
     t_n, t_prev = np.array([999, 749, 300]), np.array([979, 729, 280])
-    assert t_end("zero", t_n, t_prev, 4).tolist() == [0, 0, 0]
-    assert t_end("edge", t_n, t_prev, 4).tolist() == [750, 500, 250]
-    assert t_end("uniform", t_n, t_prev, 4, u=np.zeros(3)).tolist() == [750, 500, 250]
+    assert t_end("zero", t_n, t_prev, 4).tolist() == [-1, -1, -1]
+    assert t_end("edge", t_n, t_prev, 4).tolist() == [749, 499, 249]
+    assert t_end("uniform", t_n, t_prev, 4, u=np.zeros(3)).tolist() == [749, 499, 249]
     assert t_end("uniform", t_n, t_prev, 4, u=np.full(3, 0.999999)).tolist() == [979, 729, 280]
     u = np.random.default_rng(0).random((10000, 1)) * np.ones((1, 3))
     draws = t_end("uniform", np.tile(t_n, (10000, 1)), np.tile(t_prev, (10000, 1)), 4, u=u)
-    assert (draws >= [750, 500, 250]).all() and (draws <= t_prev).all()
+    assert (draws >= [749, 499, 249]).all() and (draws <= t_prev).all()
     # uniform over the integers of [t_b, t_prev]: mean at the middle
-    np.testing.assert_allclose(draws.mean(0), ([750, 500, 250] + t_prev) / 2, atol=1.5)
-    # k = 1 is CTM/TCD: anywhere in [0, t_prev]
-    assert t_end("uniform", 999, 979, 1, u=0.0) == 0
+    np.testing.assert_allclose(draws.mean(0), ([749, 499, 249] + t_prev) / 2, atol=1.5)
+    # k = 1 is CTM/TCD: anywhere from the clean image to t_prev
+    assert t_end("uniform", 999, 979, 1, u=0.0) == -1
     with pytest.raises(ValueError):
         t_end("middle", t_n, t_prev, 4)
 

@@ -1,7 +1,10 @@
 """Pure schedule and segment math, in float64.
 
 Notation: T training timesteps (1000), ᾱ_t = alphas_cumprod[t], x_t = √ᾱ_t x₀ + √(1-ᾱ_t) ε.
-The DDIM solver works on a grid of N timesteps; TSCD cuts [0, T) into k equal segments.
+Timesteps are 0-indexed as in diffusers, and t = -1 stands for the clean image (ᾱ = 1).
+The DDIM solver works on a "trailing" grid of N timesteps (…, T-1); TSCD cuts the trajectory
+into k segments whose edges are the trailing k-step timesteps (for k = 4: 749, 499, 249 and
+the clean image), so a k-step trailing sampler jumps exactly from edge to edge.
 """
 
 from __future__ import annotations
@@ -31,27 +34,37 @@ def solver_grid(num_points: int, num_train_timesteps: int = T) -> np.ndarray:
 
 
 def segment_start(t, k: int, num_train_timesteps: int = T):
-    """Start of the segment holding t when [0, T) is cut into k equal segments.
+    """Lower edge t_b of the segment holding t, with k equal segments (-1: the clean image).
 
-    [t_b = floor(t / (T/k)) · (T/k), Hyper-SD §3.1]. k = 1 gives 0 for every t (CTM/TCD).
+    [t_b = floor(t / (T/k)) · (T/k), Hyper-SD §3.1, shifted by one to diffusers' 0-indexed
+    trailing timesteps: for k = 4, t in (749, 999] has t_b = 749, and t ≤ 249 has t_b = -1.]
+    A timestep on an edge belongs to the segment below it. k = 1 gives -1 for every t (CTM).
     """
     if k < 1 or num_train_timesteps % k:
         raise ValueError(f"segment count must divide {num_train_timesteps}, got {k}")
     width = num_train_timesteps // k
-    return (np.asarray(t) // width) * width
+    return (np.asarray(t) // width) * width - 1
+
+
+def check_grid(num_points: int, k: int, num_train_timesteps: int = T) -> None:
+    """Every segment edge must be a solver grid point, so no solver step crosses an edge."""
+    if (num_train_timesteps // k) % (num_train_timesteps // num_points):
+        raise ValueError(f"a {num_points}-point solver grid does not contain the edges of {k} "
+                         f"segments: choose solver_points as a multiple of {k} dividing "
+                         f"{num_train_timesteps} into whole segments (e.g. 40 or 200)")
 
 
 def t_end(rule: str, t_n, t_prev, k: int, u=None, num_train_timesteps: int = T):
     """Where the consistency target lands, for a sample at t_n whose solver step reaches t_prev.
 
-    rule "zero": 0 (LCM: the student predicts x₀ directly);
+    rule "zero": -1, the clean image (LCM: the student predicts x₀ directly);
     rule "edge": the segment start t_b (PCM phases);
     rule "uniform": t_b + u·(t_prev - t_b), u ~ U[0, 1), floored to an integer timestep
                     [t_end ~ U[t_b, t_{n-1}], Hyper-SD §3.1; with k = 1 this is CTM/TCD].
     """
     t_n, t_prev = np.asarray(t_n), np.asarray(t_prev)
     if rule == "zero":
-        return np.zeros_like(t_n)
+        return np.full_like(t_n, -1)
     start = segment_start(t_n, k, num_train_timesteps)
     if rule == "edge":
         return start

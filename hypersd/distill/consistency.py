@@ -1,0 +1,108 @@
+"""The consistency family as one loss: LCM, PCM, TCD/CTM and Hyper-SD's TSCD are settings of it.
+
+One example at segment count k (Hyper-SD §3.1; SPEC §1a):
+  1. t_n from the solver grid, t_{n-1} the grid point below it (-1, the clean image, below
+     the lowest);
+  2. t_end by the rule: the clean image (LCM), the segment edge t_b (PCM), U[t_b, t_{n-1}]
+     (TSCD; k = 1: CTM/TCD);
+  3. the teacher's guided DDIM step: x̂_{t_{n-1}} = Ψ(x_{t_n}, f_tea(x_{t_n}, t_n, c; ω), t_{n-1});
+  4. prediction = Ψ(x_{t_n}, f_stu(x_{t_n}, t_n), t_end),
+     target     = Ψ(x̂_{t_{n-1}}, f_ema(x̂_{t_{n-1}}, t_{n-1}), t_end)   (no gradient);
+  5. per-sample distance d(prediction, target): MSE or pseudo-Huber.
+With ``boundary`` the student's x̂₀ gets LCM's c_skip/c_out parameterisation (LCM §4.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hypersd.distill.denoiser import Denoiser, Prediction
+from hypersd.distill.schedule import check_grid, lcm_boundary_scalings, solver_grid, t_end
+
+
+@dataclass
+class ConsistencyConfig:
+    segments: int = 1                  # k: 8, 4, 2, 1 in Hyper-SD's stages
+    t_end: str = "uniform"             # "zero" (LCM) | "edge" (PCM) | "uniform" (TSCD, CTM/TCD)
+    solver_points: int = 40            # N, the teacher's DDIM grid; must hold every segment edge
+    guidance: tuple[float, float] | None = (2.0, 4.0)  # ω ~ U[lo, hi]; None: no CFG (keeps CFG in the student)
+    distance: str = "huber"            # "huber" (pseudo-Huber, LCM) or "mse"
+    huber_c: float = 0.001
+    boundary: bool = False             # LCM's c_skip/c_out on the student output
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor              # x₀ (scaled VAE latents)
+    cond: dict                         # UNet keyword inputs of the captions
+    uncond: dict                       # the same for the empty prompt
+
+
+def _psi(pred: Prediction, alpha_end: torch.Tensor) -> torch.Tensor:
+    a = alpha_end.reshape(-1, *([1] * (pred.x0.ndim - 1))).to(pred.x0.dtype)
+    return a.sqrt() * pred.x0 + (1 - a).sqrt() * pred.eps
+
+
+def _with_boundary(pred: Prediction, x_t: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor) -> Prediction:
+    c_skip, c_out = (torch.as_tensor(c, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1, 1, 1)
+                     for c in lcm_boundary_scalings(t.cpu().numpy()))
+    x0 = c_skip * x_t + c_out * pred.x0
+    a = alpha.reshape(-1, 1, 1, 1).to(x_t.dtype)
+    return Prediction(x0, (x_t - a.sqrt() * x0) / (1 - a).sqrt())
+
+
+class ConsistencyLoss:
+    """``loss(student, teacher, target, batch, generator) -> (per-sample loss, logs)``."""
+
+    def __init__(self, cfg: ConsistencyConfig):
+        check_grid(cfg.solver_points, cfg.segments)
+        self.cfg = cfg
+        self.grid = torch.as_tensor(np.concatenate([[-1], solver_grid(cfg.solver_points)]))
+
+    def sample_times(self, n: int, g: torch.Generator):
+        """(t_n, t_{n-1}, t_end) for n examples; -1 means the clean image (ᾱ = 1)."""
+        idx = torch.randint(1, len(self.grid), (n,), generator=g)
+        t_n, t_prev = self.grid[idx], self.grid[idx - 1]
+        u = torch.rand(n, generator=g, dtype=torch.float64).numpy()
+        end = t_end(self.cfg.t_end, t_n.numpy(), t_prev.numpy(), self.cfg.segments, u=u)
+        return t_n, t_prev, torch.as_tensor(np.asarray(end), dtype=torch.long)
+
+    def student_prediction(self, den: Denoiser, x_t, t, cond) -> Prediction:
+        pred = den(x_t, t, cond)
+        return _with_boundary(pred, x_t, t, den.alpha(t)) if self.cfg.boundary else pred
+
+    def __call__(self, student: Denoiser, teacher: Denoiser, target: Denoiser, batch: Batch,
+                 g: torch.Generator):
+        cfg, x0 = self.cfg, batch.latents
+        n, dev = len(x0), x0.device
+        t_n, t_prev, end = (t.to(dev) for t in self.sample_times(n, g))
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        a_n = student.alpha(t_n).reshape(-1, 1, 1, 1).to(x0.dtype)
+        x_tn = a_n.sqrt() * x0 + (1 - a_n).sqrt() * noise
+        with torch.no_grad():
+            if cfg.guidance is None:
+                tea = teacher(x_tn, t_n, batch.cond)
+                omega = torch.ones(n)
+            else:
+                lo, hi = cfg.guidance
+                omega = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+                tea = teacher(x_tn, t_n, batch.cond, batch.uncond, omega.to(dev))
+            x_prev = _psi(tea, teacher.alpha(t_prev))
+            tgt = _psi(self.student_prediction(target, x_prev, t_prev.clamp(min=0), batch.cond),
+                       target.alpha(end))
+            # from the clean image (t_{n-1} = -1) the only place to go is itself
+            tgt = torch.where((t_prev < 0).reshape(-1, 1, 1, 1), x_prev, tgt)
+        pred = _psi(self.student_prediction(student, x_tn, t_n, batch.cond), student.alpha(end))
+        diff = (pred.float() - tgt.float()).flatten(1)
+        if cfg.distance == "huber":
+            per = (diff.pow(2).mean(1) + cfg.huber_c ** 2).sqrt() - cfg.huber_c
+        elif cfg.distance == "mse":
+            per = diff.pow(2).mean(1)
+        else:
+            raise ValueError(f"unknown distance {cfg.distance!r}: use 'huber' or 'mse'")
+        logs = {"t_n": t_n.float().mean().item(), "t_end": end.float().mean().item(),
+                "omega": omega.float().mean().item()}
+        return per, logs

@@ -1,0 +1,69 @@
+"""The consistency loss on a tiny UNet: shapes, gradient isolation and a known answer."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from hypersd.distill.consistency import Batch, ConsistencyConfig, ConsistencyLoss, _psi
+from hypersd.distill.denoiser import Denoiser
+from hypersd.distill.schedule import sd_alphas_cumprod
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16, norm_num_groups=16)
+
+
+def _batch(n=4):
+    g = torch.Generator().manual_seed(0)
+    return Batch(torch.randn(n, 4, 8, 8, generator=g),
+                 {"encoder_hidden_states": torch.randn(n, 3, 16, generator=g)},
+                 {"encoder_hidden_states": torch.zeros(n, 3, 16)})
+
+
+@pytest.mark.parametrize("rule, k, boundary", [("zero", 1, True), ("edge", 4, False),
+                                               ("uniform", 8, False), ("uniform", 1, False)])
+def test_loss_shapes_and_gradient_isolation(rule, k, boundary):
+    alphas = sd_alphas_cumprod()
+    student, teacher = _unet(0), _unet(1).requires_grad_(False)
+    target = copy.deepcopy(student).requires_grad_(False)
+    loss_fn = ConsistencyLoss(ConsistencyConfig(segments=k, t_end=rule, boundary=boundary))
+    per, logs = loss_fn(Denoiser(student, alphas), Denoiser(teacher, alphas), Denoiser(target, alphas),
+                        _batch(), torch.Generator().manual_seed(0))
+    assert per.shape == (4,) and torch.isfinite(per).all() and (per >= 0).all()
+    per.mean().backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in target.parameters())
+    assert set(logs) == {"t_n", "t_end", "omega"}
+
+
+def test_sampled_times_follow_the_rules():
+    g = torch.Generator().manual_seed(0)
+    for rule, k in (("zero", 1), ("edge", 4), ("uniform", 4), ("uniform", 1)):
+        t_n, t_prev, end = ConsistencyLoss(ConsistencyConfig(segments=k, t_end=rule)).sample_times(2000, g)
+        assert (t_n - t_prev == 25).all() and (t_n >= 24).all() and (t_prev >= -1).all()
+        assert (t_prev == -1).any()
+        if rule == "zero":
+            assert (end == -1).all()
+            continue
+        start = (t_n // (1000 // k)) * (1000 // k) - 1
+        assert (end >= start).all() and (end <= t_prev).all()
+        if rule == "edge":
+            assert (end == start).all()
+
+
+def test_target_is_the_teacher_step_when_t_end_is_t_prev():
+    """Ψ(x, f(x, s), s) = x for an epsilon model: when t_end = t_{n-1} the target is x̂_{t_{n-1}}."""
+    alphas = sd_alphas_cumprod()
+    den = Denoiser(_unet(0), alphas)
+    x = torch.randn(3, 4, 8, 8)
+    t = torch.tensor([979, 499, 19])
+    with torch.no_grad():
+        pred = den(x, t, {"encoder_hidden_states": torch.randn(3, 3, 16)})
+    torch.testing.assert_close(_psi(pred, den.alpha(t)), x, atol=1e-5, rtol=1e-5)

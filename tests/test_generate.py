@@ -148,3 +148,16 @@ def test_negative_prompt_changes_the_image_under_cfg(tiny_dirs):
 def test_loading_picks_the_pipeline_class(tiny_dirs):
     assert isinstance(load_pipeline(tiny_dirs["sdxl"]), StableDiffusionXLPipeline)
     assert type(load_pipeline(tiny_dirs["sd15"])) is StableDiffusionPipeline
+
+
+def test_single_file_checkpoint_matches_its_folder(tiny_dirs, tmp_path, capsys):
+    from hypersd.models.single_file import save_single_file
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd15"])
+    path = tmp_path / "tiny-sd15.safetensors"
+    save_single_file(pipe, str(path))
+    folder = generate(["a cat"], model=tiny_dirs["sd15"], recipe="tcd", seed=4)
+    single = generate(["a cat"], model=str(path), config=tiny_dirs["sd15"], recipe="tcd", seed=4)
+    np.testing.assert_array_equal(_array(single.images), _array(folder.images))
+    # offline without --config: a clear error, exit code 2
+    rc, out = _cli(tmp_path, "a cat", "--model", str(path))
+    assert rc == 2 and "--config" in capsys.readouterr().err and not out.exists()

@@ -1,0 +1,102 @@
+"""Write an SD1.5-shaped diffusers pipeline as one original-layout (LDM) checkpoint.
+
+The inverse of the key layout diffusers' ``from_single_file`` reads: UNet under
+``model.diffusion_model.`` (input/middle/output blocks), VAE under ``first_stage_model.``
+(encoder.down / decoder.up, 1x1-conv attention), CLIP text encoder under
+``cond_stage_model.transformer.``. This is what A1111 and ComfyUI load as a checkpoint, and
+how the tests exercise hypersd's single-file loading without a download.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from safetensors.torch import save_file
+
+_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+
+
+def _resnet(rest: str) -> str:
+    for new, old in _RESNET:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel keys -> LDM ``model.diffusion_model.`` keys."""
+    per = config["layers_per_block"] + 1  # LDM layers per down block (resnets + downsampler)
+    attn_up = {i for i, t in enumerate(config["up_block_types"]) if "CrossAttn" in t}
+    out = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        if module in _UNET_TOP:
+            new = f"{_UNET_TOP[module]}.{param}"
+        elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = (f"input_blocks.{1 + b * per + j}.0.{_resnet(rest)}" if kind == "resnets"
+                   else f"input_blocks.{1 + b * per + j}.1.{rest}")
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+            new = f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+            new = f"middle_block.1.{m[1]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = (f"output_blocks.{b * per + j}.0.{_resnet(rest)}" if kind == "resnets"
+                   else f"output_blocks.{b * per + j}.1.{rest}")
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+            b = int(m[1])
+            new = f"output_blocks.{b * per + per - 1}.{2 if b in attn_up else 1}.conv.{m[2]}"
+        else:
+            raise ValueError(f"no LDM name for UNet key {key}")
+        out[f"model.diffusion_model.{new}"] = value
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> LDM ``first_stage_model.`` keys."""
+    n_up = len(config["up_block_types"])
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                     lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                     lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.", new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
+        if "mid_block.attentions.0." in new:
+            new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for a, b in _VAE_ATTN:
+                new = new.replace(f"attn_1.{a}.", f"attn_1.{b}.")
+            if value.ndim == 2:  # linear -> 1x1 conv
+                value = value[:, :, None, None]
+        out[f"first_stage_model.{new}"] = value
+    return out
+
+
+def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
+    """UNet + VAE (+ CLIP text encoder, when the pipeline has one) of an SD1.5-shaped pipeline."""
+    out = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)
+    out.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is not None and encoder.__class__.__name__.startswith("CLIPText"):
+        for key, value in encoder.state_dict().items():  # LDM keeps transformers' text_model. level
+            key = key if key.startswith("text_model.") else f"text_model.{key}"
+            out[f"cond_stage_model.transformer.{key}"] = value
+    return out
+
+
+def save_single_file(pipe, path: str, dtype: torch.dtype | None = None) -> None:
+    """Write the pipeline as one ``.safetensors`` checkpoint in the original layout."""
+    tensors = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in pipeline_to_ldm(pipe).items()}
+    save_file(tensors, path)

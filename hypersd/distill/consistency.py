@@ -32,6 +32,7 @@ class ConsistencyConfig:
     distance: str = "huber"            # "huber" (pseudo-Huber, LCM) or "mse"
     huber_c: float = 0.001
     boundary: bool = False             # LCM's c_skip/c_out on the student output
+    offset_noise: float = 0.0          # noise perturbation: ε + o·ε_c, ε_c per channel [offset noise]
 
 
 @dataclass
@@ -80,6 +81,8 @@ class ConsistencyLoss:
         n, dev = len(x0), x0.device
         t_n, t_prev, end = (t.to(dev) for t in self.sample_times(n, g))
         noise = torch.randn(x0.shape, generator=g).to(x0)
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=g).to(x0)
         a_n = student.alpha(t_n).reshape(-1, 1, 1, 1).to(x0.dtype)
         x_tn = a_n.sqrt() * x0 + (1 - a_n).sqrt() * noise
         with torch.no_grad():

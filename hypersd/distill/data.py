@@ -1,0 +1,83 @@
+"""Training examples for distillation: cached VAE latents and text conditioning.
+
+Latent posteriors (mean, std) and the conditioning of every caption are computed once; a
+batch draws indices with the run's generator, samples z ~ N(mean, std²) and scales it.
+SD1.5-shaped pipelines condition on ``encoder_hidden_states``; SDXL-shaped ones also on the
+pooled text embedding and the size/crop time ids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hypersd.distill.consistency import Batch
+
+
+def _sdxl_time_ids(pipe, n: int) -> torch.Tensor:
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(n, 1)
+
+
+@torch.no_grad()
+def encode_text(pipe, prompts: list[str], batch: int = 256) -> dict:
+    """UNet keyword inputs for each prompt (tensors stacked along the batch)."""
+    sdxl = hasattr(pipe, "text_encoder_2")
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        out = pipe.encode_prompt(chunk, device="cpu", num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+        embeds.append(out[0])
+        if sdxl:
+            pooled.append(out[2])
+    cond = {"encoder_hidden_states": torch.cat(embeds)}
+    if sdxl:
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", False) and prompts == [""]:
+            cond["encoder_hidden_states"] = torch.zeros_like(cond["encoder_hidden_states"])
+            pooled = [torch.zeros_like(pooled[0])]
+        cond["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled),
+                                     "time_ids": _sdxl_time_ids(pipe, len(prompts))}
+    return cond
+
+
+def _index(cond: dict, idx: torch.Tensor) -> dict:
+    return {k: _index(v, idx) if isinstance(v, dict) else v[idx] for k, v in cond.items()}
+
+
+def _expand(cond: dict, n: int) -> dict:
+    return {k: _expand(v, n) if isinstance(v, dict) else v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+class LatentCaptions:
+    """Images (N, 3, H, W in [-1, 1]) and their captions, cached for training."""
+
+    @torch.no_grad()
+    def __init__(self, pipe, images: torch.Tensor, captions: list[str], chunk: int = 256):
+        vae = pipe.vae
+        dists = [vae.encode(images[i:i + chunk].to(vae.dtype)).latent_dist for i in range(0, len(images), chunk)]
+        scale = vae.config.scaling_factor
+        self.mean = torch.cat([d.mean for d in dists]).float()
+        self.std = torch.cat([d.std for d in dists]).float()
+        self.scale = scale
+        self.cond = encode_text(pipe, captions)
+        self.uncond = encode_text(pipe, [""])
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, n: int, g: torch.Generator) -> Batch:
+        idx = torch.randint(len(self), (n,), generator=g)
+        z = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)
+        return Batch(z * self.scale, _index(self.cond, idx), _expand(self.uncond, n))
+
+
+def emoji32_examples(pipe, split: str = "distill") -> LatentCaptions:
+    """The emoji32 images and captions of a split, encoded with the pipeline's VAE/text encoder."""
+    from hypersd.data import load_emoji32
+    data = load_emoji32()
+    idx = data.indices(split)
+    images = torch.from_numpy(data.images[idx]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+    return LatentCaptions(pipe, images, [data.captions[i] for i in idx])

@@ -1,0 +1,149 @@
+"""The one training loop: every method and every stage of a run goes through ``distill``.
+
+Per stage: the student starts from the previous stage (or a fresh LoRA, or a file), the EMA
+target from the student; each step draws a batch with a generator seeded by (seed, stage,
+step), so a resumed run replays the same examples. Checkpoints (student, target, optimizer,
+step) are written atomically every ``checkpoint_every`` steps; a finished stage exports its
+LoRA. A non-finite loss stops the run and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig
+from tqdm.auto import tqdm
+
+from hypersd.distill.data import emoji32_examples
+from hypersd.distill.denoiser import Denoiser
+from hypersd.distill.export import save_lora
+from hypersd.distill.methods import METHODS
+from hypersd.distill.networks import Networks
+from hypersd.distill.recipe import RunConfig
+from hypersd.errors import UserError
+
+
+def _generator(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + stage) * 10_000_019 + step)
+
+
+def _lora_config(run: RunConfig) -> LoraConfig | None:
+    if run.full_unet:
+        return None
+    return LoraConfig(r=run.lora.rank, lora_alpha=run.lora.alpha, target_modules=list(run.lora.targets),
+                      init_lora_weights=True)
+
+
+def _save_checkpoint(path: Path, nets: Networks, opt, step: int) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.save({"student": nets.student_state(), "target": nets.target_state(),
+                "optimizer": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
+    """Run every stage of ``run`` (resuming finished and interrupted stages); return the LoRAs.
+
+    ``pipe`` defaults to ``run.model`` loaded by hypersd; ``examples`` to its emoji32 split.
+    """
+    from hypersd.generate.loading import load_pipeline
+
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with="tensorboard",
+                              project_dir=str(out), gradient_accumulation_steps=run.gradient_accumulation)
+    pipe = pipe or load_pipeline(run.model, dtype=torch.float32, device=str(accelerator.device))
+    examples = examples or emoji32_examples(pipe, run.split)
+    alphas = pipe.scheduler.alphas_cumprod.double()
+    prediction_type = pipe.scheduler.config.prediction_type
+    lora = _lora_config(run)
+    if run.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    nets = Networks(pipe.unet, lora)
+    accelerator.init_trackers("distill")
+    exported, previous = [], None
+    for index, stage in enumerate(run.stages):
+        final = out / f"{stage.name}.safetensors"
+        ckpt = out / f"{stage.name}.ckpt"
+        loss_fn = METHODS[stage.method](stage, run.offset_noise)
+        opt = torch.optim.AdamW(nets.trainable(), lr=stage.lr, weight_decay=0.0)
+        start = 0
+        if final.exists() and ckpt.exists():  # a finished stage: restore its weights, move on
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            nets.load_states(state["student"], state["target"])
+            exported.append(final)
+            previous = state["student"]
+            continue
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            nets.load_states(state["student"], state["target"])
+            opt.load_state_dict(state["optimizer"])
+            start = state["step"]
+            accelerator.print(f"resuming stage {stage.name} at step {start}")
+        else:
+            _init_student(nets, stage.start_from, previous)
+        student = Denoiser(nets.student, alphas, prediction_type)
+        teacher = Denoiser(nets.teacher, alphas, prediction_type)
+        target = Denoiser(nets.target, alphas, prediction_type)
+        bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=stage.name,
+                   disable=not accelerator.is_local_main_process)
+        began, avg = time.time(), None
+        for step in bar:
+            g = _generator(run.seed, index, step)
+            batch = examples.sample(stage.batch_size, g)
+            with accelerator.autocast():
+                per, logs = loss_fn(student, teacher, target, batch, g)
+            loss = stage.mse_weight * per.mean()
+            if not math.isfinite(loss.item()):
+                raise UserError(f"stage {stage.name}: loss is {loss.item()} at step {step}; the last "
+                                f"good checkpoint is {ckpt if ckpt.exists() else 'none'} (lower lr?)")
+            accelerator.backward(loss)
+            torch.nn.utils.clip_grad_norm_(nets.trainable(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            nets.update_target(stage.ema_decay)
+            avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+            bar.set_postfix(loss=f"{avg:.4g}")
+            if (step + 1) % run.log_every == 0:
+                accelerator.log({f"{stage.name}/loss": loss.item(),
+                                 **{f"{stage.name}/{k}": v for k, v in logs.items()}}, step=step + 1)
+            if (step + 1) % run.checkpoint_every == 0 or step + 1 == stage.steps:
+                _save_checkpoint(ckpt, nets, opt, step + 1)
+        info = {"base_model": run.model, "method": stage.method, "segments": stage.segments,
+                "steps_served": "1-8", "recipe": "hyper-sd-unified" if stage.segments == 1 else "hyper-sd",
+                "stage": stage.name, "train_steps": stage.steps,
+                "seconds": round(time.time() - began, 1)}
+        previous = nets.student_state()
+        if lora is not None:
+            exported.append(save_lora(previous, lora, final, info, sdxl=hasattr(pipe, "text_encoder_2"))[0])
+        else:
+            pipe.unet.save_pretrained(out / stage.name)
+            final.touch()
+            exported.append(out / stage.name)
+    accelerator.end_training()
+    return exported
+
+
+def _init_student(nets: Networks, start_from: str, previous: dict | None) -> None:
+    if start_from == "previous" and previous is not None:
+        nets.load_states(previous)
+    elif start_from not in ("previous", "base"):
+        from safetensors.torch import load_file
+        if not Path(start_from).exists():
+            raise UserError(f"cannot start from {start_from}: no such LoRA file")
+        state = {k.removeprefix("unet."): v for k, v in load_file(start_from).items()}
+        try:
+            nets.load_states(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"cannot start from {start_from}: {str(e).splitlines()[0][:200]}") from e
+    else:  # a fresh LoRA: B = 0, so the student starts as the teacher
+        nets.load_states({k: torch.zeros_like(v) if "lora_B" in k else v
+                          for k, v in nets.student_state().items()} if nets.lora is not None
+                         else nets.teacher.state_dict())

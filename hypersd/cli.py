@@ -68,6 +68,45 @@ def _bench(args) -> None:
     print(f"wrote {cfg.out_dir}/speed.md and speed.json")
 
 
+def _distill(args) -> None:
+    from hypersd.distill.loop import distill
+    from hypersd.distill.recipe import load_run
+    run = load_run(_recipe_path(args.recipe), args.set or [])
+    for path in distill(run):
+        print(f"wrote {path}")
+
+
+def _recipe_path(name: str) -> str:
+    """A YAML path, or the name of a bundled distillation recipe."""
+    from pathlib import Path
+    bundled = Path(__file__).resolve().parent / "recipes" / "distill" / f"{name}.yaml"
+    return str(bundled) if not Path(name).exists() and bundled.exists() else name
+
+
+def _lora(args) -> None:
+    from hypersd.lora import tools
+    if len(args.inputs) < 2:
+        raise UserError("give the input file(s) and then the output file")
+    *args.inputs, args.out = args.inputs
+    if args.action == "merge":
+        from hypersd.generate.loading import parse_lora
+        files = [(tools.read_lora(p), 1.0 if w is None else w) for p, w in map(parse_lora, args.inputs)]
+        result = tools.merge(files)
+    else:
+        if len(args.inputs) != 1:
+            raise UserError(f"lora {args.action} takes one input file")
+        result = tools.read_lora(args.inputs[0])
+        if args.action == "rescale":
+            result = tools.rescale(result, args.scale)
+    if args.to:
+        names = None
+        if args.to == "diffusers" and result.format == "kohya":
+            from hypersd.generate.loading import load_pipeline
+            names = tools.unet_module_names(load_pipeline(args.model))
+        result = tools.to_format(result, args.to, names)
+    print(f"wrote {tools.write_lora(result, args.out)} ({result.format}, {len(result.modules)} modules)")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     """One --flag per dataclass field, typed like its default (None = keep the default)."""
     for f in dataclasses.fields(config_cls):
@@ -96,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
     g.add_argument("--out", default="outputs/generate")
     g.set_defaults(func=_generate)
+
+    ds = sub.add_parser("distill", help="distil a few-step student from a YAML recipe of stages")
+    ds.add_argument("recipe", help="a YAML file or a bundled recipe name (e.g. hyper-sd-mini)")
+    ds.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. stages.0.steps=100 (repeatable)")
+    ds.set_defaults(func=_distill)
+
+    lo = sub.add_parser("lora", help="rescale, merge or convert LoRA files (diffusers/kohya)")
+    lo.add_argument("action", choices=["convert", "rescale", "merge"])
+    lo.add_argument("inputs", nargs="+", metavar="IN[:WEIGHT]", help="input file(s), then the output")
+    lo.add_argument("--to", choices=["diffusers", "kohya"], help="output format (default: the input's)")
+    lo.add_argument("--scale", type=float, default=1.0, help="rescale: multiply the LoRA's effect")
+    lo.add_argument("--model", help="base model, for kohya -> diffusers module names")
+    lo.set_defaults(func=_lora)
 
     v = sub.add_parser("eval", help="quality against steps on the emoji32 evaluation split")
     v.add_argument("--model")

@@ -81,3 +81,22 @@ def test_bundled_recipe_loads():
     run = load_run("hypersd/recipes/distill/hyper-sd-mini.yaml", ["stages.0.steps=10"])
     assert [s.segments for s in run.stages] == [8, 4, 2, 1] and run.stages[0].steps == 10
     assert run.stages[1].start_from == "previous" and run.stages[0].start_from == "base"
+
+
+def test_exported_lora_gives_stock_diffusers_the_same_images(tmp_path, tiny_dirs):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd15"])
+    run = _run(tmp_path, [StageConfig(method="tscd", segments=1, steps=3, batch_size=2, lr=1e-2)])
+    lora, = distill(run, examples=_examples(pipe), pipe=pipe)
+    from hypersd.generate import generate
+    from hypersd.generate.loading import SCHEDULERS
+    ours = generate(["emoji 1"], model=tiny_dirs["sd15"], loras=[str(lora)], recipe="hyper-sd-unified",
+                    steps=2, seed=5)
+    stock = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd15"])
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(lora))
+    stock.scheduler = SCHEDULERS["tcd"].from_config(stock.scheduler.config, timestep_spacing="trailing")
+    image = stock("emoji 1", num_inference_steps=2, guidance_scale=0.0, eta=1.0,
+                  generator=[torch.Generator().manual_seed(5)]).images[0]
+    np.testing.assert_array_equal(np.asarray(ours.images[0]), np.asarray(image))
+    plain = generate(["emoji 1"], model=tiny_dirs["sd15"], recipe="hyper-sd-unified", steps=2, seed=5)
+    assert np.abs(np.asarray(plain.images[0], np.float32) - np.asarray(image, np.float32)).max() > 0

@@ -1,0 +1,134 @@
+"""`hypersd lora`: read, rescale, merge and convert LoRA files (diffusers/peft or kohya).
+
+A LoRA is held as modules -> (A, B, alpha): ΔW = (alpha / r) · B A with r = rows of A.
+Merging concatenates along the rank, ΔW = Σ w_i (α_i / r_i) B_i A_i exactly, folding each
+scale into B (the result has alpha = rank, scale 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hypersd.errors import UserError
+from hypersd.lora.formats import KOHYA_PREFIXES
+
+_DIFFUSERS = (".lora_A.weight", ".lora_B.weight")
+_KOHYA = (".lora_down.weight", ".lora_up.weight")
+
+
+@dataclass
+class LoraFile:
+    format: str                                      # "diffusers" or "kohya"
+    modules: dict[str, list] = field(default_factory=dict)  # name -> [A, B, alpha]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def scale_of(self, name: str) -> float:
+        a, _, alpha = self.modules[name]
+        return 1.0 if alpha is None else float(alpha) / a.shape[0]
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad files
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from e
+    kohya = any(k.endswith(_KOHYA[0]) for k in tensors)
+    down, up = _KOHYA if kohya else _DIFFUSERS
+    lf = LoraFile("kohya" if kohya else "diffusers", metadata=metadata)
+    default_alpha = None
+    if not kohya and "lora_adapter_metadata" in metadata:
+        peft = json.loads(metadata["lora_adapter_metadata"])
+        default_alpha = next((v for k, v in peft.items() if k.endswith("lora_alpha")), None)
+    for key, value in tensors.items():
+        if key.endswith(down):
+            name = key[:-len(down)]
+            if name + up not in tensors:
+                raise UserError(f"{path}: {name} has no matching up/B matrix")
+            alpha = tensors.get(name + ".alpha")
+            lf.modules[name] = [value, tensors[name + up],
+                                float(alpha) if alpha is not None else default_alpha]
+    if not lf.modules:
+        raise UserError(f"{path} holds no LoRA matrices (diffusers lora_A/lora_B or kohya lora_down/lora_up)")
+    return lf
+
+
+def rescale(lf: LoraFile, scale: float) -> LoraFile:
+    """The same LoRA with ΔW multiplied by ``scale``."""
+    return LoraFile(lf.format, {n: [a, b * scale, al] for n, (a, b, al) in lf.modules.items()}, lf.metadata)
+
+
+def merge(files: list[tuple[LoraFile, float]]) -> LoraFile:
+    """One LoRA whose ΔW is the weighted sum of the inputs' (all in one format)."""
+    formats = {lf.format for lf, _ in files}
+    if len(formats) != 1:
+        raise UserError("convert the LoRAs to one format before merging them")
+    out = LoraFile(formats.pop())
+    names = dict.fromkeys(n for lf, _ in files for n in lf.modules)
+    for name in names:
+        parts = [(lf.modules[name], w * lf.scale_of(name)) for lf, w in files if name in lf.modules]
+        a = torch.cat([m[0] for m, _ in parts], dim=0)
+        b = torch.cat([m[1] * s for m, s in parts], dim=1)
+        out.modules[name] = [a, b, float(a.shape[0])]
+    return out
+
+
+def to_format(lf: LoraFile, fmt: str, module_names: list[str] | None = None) -> LoraFile:
+    """Rename modules between formats; kohya -> diffusers needs the model's module names."""
+    if fmt == lf.format:
+        return lf
+    if fmt == "kohya":
+        renamed = {}
+        for name, m in lf.modules.items():
+            component, _, module = name.partition(".")
+            renamed[f"{KOHYA_PREFIXES[component]}_{module.replace('.', '_')}"] = m
+        return LoraFile("kohya", renamed, lf.metadata)
+    if fmt == "diffusers":
+        if module_names is None:
+            raise UserError("converting kohya to diffusers needs the base model (--model) for module names")
+        lookup = {f"{KOHYA_PREFIXES[c]}_{n.replace('.', '_')}": f"{c}.{n}"
+                  for c, names in module_names for n in names}
+        missing = [n for n in lf.modules if n not in lookup]
+        if missing:
+            raise UserError(f"{len(missing)} LoRA module(s) not in the base model, e.g. {missing[0]}")
+        return LoraFile("diffusers", {lookup[n]: m for n, m in lf.modules.items()}, lf.metadata)
+    raise UserError(f"unknown LoRA format {fmt!r}: use diffusers or kohya")
+
+
+def write_lora(lf: LoraFile, path: str | Path) -> Path:
+    """Write in the LoraFile's own format (alphas kept exactly as kohya alphas / folded into B)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (a, b, alpha) in lf.modules.items():
+        if lf.format == "kohya":
+            tensors[f"{name}.lora_down.weight"] = a.contiguous()
+            tensors[f"{name}.lora_up.weight"] = b.contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(float(a.shape[0] if alpha is None else alpha))
+        else:  # fold each module's alpha / r into B
+            scale = 1.0 if alpha is None else float(alpha) / a.shape[0]
+            tensors[f"{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"{name}.lora_B.weight"] = (b * scale).contiguous()
+    # no peft metadata: with scales folded into B, loaders infer rank from shapes, alpha = rank
+    meta = {k: v for k, v in lf.metadata.items() if k == "hypersd"}
+    save_file(tensors, path, metadata={"format": "pt", **meta})
+    return path
+
+
+def unet_module_names(pipe) -> list[tuple[str, list[str]]]:
+    """(component, module names) of a pipeline's LoRA-able parts, for kohya -> diffusers."""
+    out = [("unet", [n for n, _ in pipe.unet.named_modules() if n])]
+    for comp in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, comp, None) is not None:
+            out.append((comp, [n for n, _ in getattr(pipe, comp).named_modules() if n]))
+    return out

@@ -1,0 +1,71 @@
+"""`hypersd lora`: conversions, rescaling and merging keep ΔW exact; stock diffusers agrees."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from hypersd.cli import main
+from hypersd.errors import UserError
+from hypersd.generate import generate
+from hypersd.lora.tools import merge, read_lora, rescale, to_format, unet_module_names, write_lora
+from hypersd.testing import tiny_sd15
+
+
+def _delta(lf):
+    return {n: lf.scale_of(n) * b.flatten(1) @ a.flatten(1) for n, (a, b, _) in lf.modules.items()}
+
+
+@pytest.fixture()
+def lora_file(tmp_path):
+    pipe = tiny_sd15()
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, init_lora_weights=False,
+                                     target_modules=["to_q", "to_v", "conv1"]))
+    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(pipe.unet).items()}
+    path = tmp_path / "l.safetensors"
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers={k[5:]: v for k, v in state.items()},
+                                              unet_lora_adapter_metadata=LoraConfig(
+                                                  r=4, lora_alpha=2, target_modules=["to_q", "to_v", "conv1"]).to_dict(),
+                                              weight_name="l.safetensors")
+    return path
+
+
+def test_round_trip_through_kohya_keeps_delta(lora_file, tmp_path):
+    lf = read_lora(lora_file)
+    assert lf.format == "diffusers" and lf.scale_of(next(iter(lf.modules))) == 0.5
+    kohya = write_lora(to_format(lf, "kohya"), tmp_path / "k.safetensors")
+    back = to_format(read_lora(kohya), "diffusers", unet_module_names(tiny_sd15()))
+    for n, d in _delta(lf).items():
+        torch.testing.assert_close(_delta(back)[n], d)
+
+
+def test_merge_adds_deltas_and_rescale_scales(lora_file):
+    lf = read_lora(lora_file)
+    merged = merge([(lf, 0.3), (rescale(lf, 2.0), 0.2)])
+    for n, d in _delta(lf).items():
+        torch.testing.assert_close(_delta(merged)[n], 0.7 * d, atol=1e-6, rtol=1e-5)
+
+
+def test_cli_rescale_matches_generation_at_that_scale(lora_file, tmp_path, tiny_dirs):
+    out = tmp_path / "half.safetensors"
+    assert main(["lora", "rescale", str(lora_file), str(out), "--scale", "0.5"]) == 0
+    a = generate(["a cat"], model=tiny_dirs["sd15"], recipe="hyper-sd", seed=0, loras=[f"{lora_file}:0.5"])
+    b = generate(["a cat"], model=tiny_dirs["sd15"], recipe="hyper-sd", seed=0, loras=[f"{out}:1.0"])
+    diff = np.abs(np.asarray(a.images[0], np.float32) - np.asarray(b.images[0], np.float32)).max()
+    assert diff <= 1.0
+
+
+def test_bad_lora_files(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    with pytest.raises(UserError, match="not a readable"):
+        read_lora(bad)
+    empty = tmp_path / "empty.safetensors"
+    save_file({"x": torch.zeros(1)}, empty)
+    with pytest.raises(UserError, match="no LoRA matrices"):
+        read_lora(empty)
+    assert main(["lora", "convert", str(empty), str(tmp_path / "o.safetensors"), "--to", "kohya"]) == 2
+    assert not (tmp_path / "o.safetensors").exists()

@@ -100,3 +100,28 @@ def test_exported_lora_gives_stock_diffusers_the_same_images(tmp_path, tiny_dirs
     np.testing.assert_array_equal(np.asarray(ours.images[0]), np.asarray(image))
     plain = generate(["emoji 1"], model=tiny_dirs["sd15"], recipe="hyper-sd-unified", steps=2, seed=5)
     assert np.abs(np.asarray(plain.images[0], np.float32) - np.asarray(image, np.float32)).max() > 0
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_adversarial_stage_trains_and_resumes(tmp_path, family):
+    stage = dict(method="tscd", segments=2, batch_size=2, lr=1e-3, mse_weight=0.5, adv_weight=0.5,
+                 critic_lr=1e-3)
+    pipe = BUILD[family]()
+    full, = distill(_run(tmp_path / "a", [StageConfig(steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
+    state = torch.load(tmp_path / "a" / "run" / "0-tscd-k2.ckpt", weights_only=True)
+    assert "critic" in state and state["step"] == 4
+    pipe = BUILD[family]()
+    distill(_run(tmp_path / "b", [StageConfig(steps=2, **stage)]), examples=_examples(pipe), pipe=pipe)
+    (tmp_path / "b" / "run" / "0-tscd-k2.safetensors").unlink()
+    pipe = BUILD[family]()
+    resumed, = distill(_run(tmp_path / "b", [StageConfig(steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
+    with safe_open(str(full), "pt") as a, safe_open(str(resumed), "pt") as b:
+        for key in a.keys():
+            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hyper-sd-mini", "hyper-sd-mini-mse", "hyper-sd-mini-cfg", "lcm-mini",
+                                  "tcd-mini", "pcm-mini"])
+def test_every_bundled_recipe_is_valid(name):
+    run = load_run(f"hypersd/recipes/distill/{name}.yaml")
+    assert sum(s.steps for s in run.stages) == 6000, "the runs compare at one budget of teacher calls"

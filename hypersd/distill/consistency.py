@@ -55,6 +55,19 @@ def _with_boundary(pred: Prediction, x_t: torch.Tensor, t: torch.Tensor, alpha: 
     return Prediction(x0, (x_t - a.sqrt() * x0) / (1 - a).sqrt())
 
 
+@dataclass
+class Terms:
+    """One batch's consistency terms, for losses that build on them (the adversarial term)."""
+
+    per_sample: torch.Tensor           # d(prediction, target)
+    prediction: torch.Tensor           # Ψ(x_{t_n}, f_stu, t_end), with gradient
+    target: torch.Tensor               # Ψ(x̂_{t_{n-1}}, f_ema, t_end), without
+    x_t: torch.Tensor
+    t: torch.Tensor
+    t_end: torch.Tensor
+    logs: dict
+
+
 class ConsistencyLoss:
     """``loss(student, teacher, target, batch, generator) -> (per-sample loss, logs)``."""
 
@@ -77,6 +90,11 @@ class ConsistencyLoss:
 
     def __call__(self, student: Denoiser, teacher: Denoiser, target: Denoiser, batch: Batch,
                  g: torch.Generator):
+        terms = self.terms(student, teacher, target, batch, g)
+        return terms.per_sample, terms.logs
+
+    def terms(self, student: Denoiser, teacher: Denoiser, target: Denoiser, batch: Batch,
+              g: torch.Generator) -> Terms:
         cfg, x0 = self.cfg, batch.latents
         n, dev = len(x0), x0.device
         t_n, t_prev, end = (t.to(dev) for t in self.sample_times(n, g))
@@ -108,4 +126,4 @@ class ConsistencyLoss:
             raise ValueError(f"unknown distance {cfg.distance!r}: use 'huber' or 'mse'")
         logs = {"t_n": t_n.float().mean().item(), "t_end": end.float().mean().item(),
                 "omega": omega.float().mean().item()}
-        return per, logs
+        return Terms(per, pred, tgt, x_tn, t_n, end, logs)

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
+from hypersd.distill.adversarial import AdversarialConfig, Discriminator
 from hypersd.distill.data import emoji32_examples
 from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.export import save_lora
@@ -39,11 +40,25 @@ def _lora_config(run: RunConfig) -> LoraConfig | None:
                       init_lora_weights=True)
 
 
-def _save_checkpoint(path: Path, nets: Networks, opt, step: int) -> None:
+def _save_checkpoint(path: Path, nets: Networks, opt, step: int, critic=None) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    torch.save({"student": nets.student_state(), "target": nets.target_state(),
-                "optimizer": opt.state_dict(), "step": step}, tmp)
+    state = {"student": nets.student_state(), "target": nets.target_state(),
+             "optimizer": opt.state_dict(), "step": step}
+    if critic is not None:
+        state["critic"] = critic[0].heads.state_dict()
+        state["critic_optimizer"] = critic[1].state_dict()
+    torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _critic(stage, nets: Networks, examples):
+    """A fresh discriminator (re-initialised every stage, as Lightning does) and its optimizer."""
+    if stage.adv_weight <= 0:
+        return None
+    probe = examples.sample(2, torch.Generator().manual_seed(0))
+    disc = Discriminator(nets.teacher_features, (probe.latents, torch.tensor([999, 0]), probe.cond),
+                         AdversarialConfig(loss=stage.adv_loss, conditional=stage.adv_conditional))
+    return disc, torch.optim.AdamW(disc.heads.parameters(), lr=stage.critic_lr, betas=(0.0, 0.99))
 
 
 def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
@@ -74,6 +89,7 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
         ckpt = out / f"{stage.name}.ckpt"
         loss_fn = METHODS[stage.method](stage, run.offset_noise)
         opt = torch.optim.AdamW(nets.trainable(), lr=stage.lr, weight_decay=0.0)
+        critic = _critic(stage, nets, examples)
         start = 0
         if final.exists() and ckpt.exists():  # a finished stage: restore its weights, move on
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -85,6 +101,9 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             nets.load_states(state["student"], state["target"])
             opt.load_state_dict(state["optimizer"])
+            if critic is not None:
+                critic[0].heads.load_state_dict(state["critic"])
+                critic[1].load_state_dict(state["critic_optimizer"])
             start = state["step"]
             accelerator.print(f"resuming stage {stage.name} at step {start}")
         else:
@@ -99,8 +118,14 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
             g = _generator(run.seed, index, step)
             batch = examples.sample(stage.batch_size, g)
             with accelerator.autocast():
-                per, logs = loss_fn(student, teacher, target, batch, g)
-            loss = stage.mse_weight * per.mean()
+                terms = loss_fn.terms(student, teacher, target, batch, g)
+                loss = stage.mse_weight * terms.per_sample.mean()
+                logs = dict(terms.logs, consistency=terms.per_sample.mean().item())
+                if critic is not None:  # generator phase: the student's candidate should look real
+                    adv = critic[0].generator_loss(terms.prediction, terms.t_end, terms.x_t, terms.t,
+                                                   batch.cond).mean()
+                    loss = loss + stage.adv_weight * adv
+                    logs["adversarial"] = adv.item()
             if not math.isfinite(loss.item()):
                 raise UserError(f"stage {stage.name}: loss is {loss.item()} at step {step}; the last "
                                 f"good checkpoint is {ckpt if ckpt.exists() else 'none'} (lower lr?)")
@@ -109,13 +134,22 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             nets.update_target(stage.ema_decay)
+            if critic is not None:  # critic phase: only the heads learn, from detached candidates
+                disc, critic_opt = critic
+                critic_opt.zero_grad(set_to_none=True)
+                with accelerator.autocast():
+                    c_loss = disc.critic_loss(terms.target, terms.prediction, terms.t_end, terms.x_t,
+                                              terms.t, batch.cond).mean()
+                c_loss.backward()
+                critic_opt.step()
+                logs["critic"] = c_loss.item()
             avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
             bar.set_postfix(loss=f"{avg:.4g}")
             if (step + 1) % run.log_every == 0:
                 accelerator.log({f"{stage.name}/loss": loss.item(),
                                  **{f"{stage.name}/{k}": v for k, v in logs.items()}}, step=step + 1)
             if (step + 1) % run.checkpoint_every == 0 or step + 1 == stage.steps:
-                _save_checkpoint(ckpt, nets, opt, step + 1)
+                _save_checkpoint(ckpt, nets, opt, step + 1, critic)
         info = {"base_model": run.model, "method": stage.method, "segments": stage.segments,
                 "steps_served": "1-8", "recipe": "hyper-sd-unified" if stage.segments == 1 else "hyper-sd",
                 "stage": stage.name, "train_steps": stage.steps,

@@ -51,6 +51,17 @@ class Networks:
         self.copy_to_target()
         self.teacher, self.student, self.target = _View(unet, None), _View(unet, "student"), _View(unet, "target")
 
+    def teacher_features(self, x, t, cond) -> list[torch.Tensor]:
+        """The frozen teacher's encoder features (the discriminator's backbone)."""
+        from hypersd.distill.adversarial import encoder_features
+        if self.lora is None:
+            return encoder_features(self.teacher, x, t, cond)
+        self.unet.disable_adapters()
+        try:
+            return encoder_features(self.unet, x, t, cond)
+        finally:
+            self.unet.enable_adapters()
+
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self._pairs]
 

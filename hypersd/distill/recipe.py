@@ -34,6 +34,10 @@ class StageConfig:
     guidance: tuple[float, float] | None = (2.0, 4.0)  # teacher CFG range ω; None keeps CFG in the student
     solver_points: int = 40              # the teacher's DDIM grid
     mse_weight: float = 1.0              # weight of the consistency distance
+    adv_weight: float = 0.0              # weight of the adversarial term (0: none)
+    adv_loss: str = "hinge"              # "hinge" or "nonsaturating"
+    adv_conditional: bool = True         # discriminator sees (x_t, candidate); False: candidate only
+    critic_lr: float = 1e-4              # the discriminator heads' learning rate
     ema_decay: float = 0.95              # μ of the target network
     start_from: str = "previous"         # "previous" stage, "base" (a fresh LoRA) or a LoRA file
 

@@ -1,0 +1,93 @@
+"""The adversarial term: trainable heads on frozen UNet-encoder features of (x_t, candidate).
+
+[SDXL-Lightning §3.3: the discriminator reuses the diffusion UNet's encoder and mid block,
+sees both x_t and the candidate x_{t_end} so it judges the flow, not just the image, and has
+heads of 4x4 stride-2 conv + GroupNorm + SiLU; PCM keeps the backbone frozen and trains
+only the heads.] Here the backbone is the frozen teacher; each encoder level (and the mid
+block) gets a head on the channel-concatenated features of x_t and of the candidate. With
+``conditional=False`` the heads see the candidate alone (Lightning's second phase).
+
+Generator and critic are separate phases with their own optimizers; the critic's heads are
+the only parameters its loss trains, and the generator's loss reaches the student only
+through the candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def encoder_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> list[torch.Tensor]:
+    """Outputs of each down block and of the mid block of a UNet2DConditionModel."""
+    ehs = cond["encoder_hidden_states"]
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs,
+                             added_cond_kwargs=cond.get("added_cond_kwargs") or {})
+    if aug is not None:
+        emb = emb + aug
+    h = unet.conv_in(x)
+    feats = []
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+        feats.append(h)
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            h = unet.mid_block(h, emb, encoder_hidden_states=ehs)
+        else:
+            h = unet.mid_block(h, emb)
+        feats.append(h)
+    return feats
+
+
+class _Head(nn.Sequential):
+    def __init__(self, channels: int, size: int, hidden: int = 64):
+        conv = (nn.Conv2d(channels, hidden, 4, 2, 1) if size >= 4 else nn.Conv2d(channels, hidden, 1))
+        super().__init__(conv, nn.GroupNorm(min(32, hidden // 4), hidden), nn.SiLU(), nn.Conv2d(hidden, 1, 1))
+
+
+@dataclass
+class AdversarialConfig:
+    loss: str = "hinge"            # "hinge" or "nonsaturating"
+    conditional: bool = True       # heads see (x_t, candidate); False: the candidate alone
+    hidden: int = 64
+
+
+class Discriminator(nn.Module):
+    """Heads over frozen encoder features; ``features(x, t, cond)`` is the backbone."""
+
+    def __init__(self, features, probe: tuple[torch.Tensor, torch.Tensor, dict], cfg: AdversarialConfig):
+        super().__init__()
+        self.features, self.cfg = features, cfg
+        with torch.no_grad():
+            shapes = [f.shape for f in features(*probe)]
+        mult = 2 if cfg.conditional else 1
+        self.heads = nn.ModuleList(_Head(mult * s[1], s[-1], cfg.hidden) for s in shapes)
+
+    def forward(self, candidate, t_end, x_t, t, cond) -> torch.Tensor:
+        """One logit per example (mean over heads and positions)."""
+        feats = self.features(candidate, t_end.clamp(min=0), cond)
+        if self.cfg.conditional:
+            with torch.no_grad():
+                ctx = self.features(x_t, t, cond)
+            feats = [torch.cat([f, c], dim=1) for f, c in zip(feats, ctx)]
+        return torch.stack([h(f.float()).mean(dim=(1, 2, 3)) for h, f in zip(self.heads, feats)]).mean(0)
+
+    def generator_loss(self, fake, t_end, x_t, t, cond) -> torch.Tensor:
+        """Per-example loss pushing the student's candidate to look real."""
+        logits = self(fake, t_end, x_t, t, cond)
+        return -logits if self.cfg.loss == "hinge" else F.softplus(-logits)
+
+    def critic_loss(self, real, fake, t_end, x_t, t, cond) -> torch.Tensor:
+        """Per-example loss training the heads to tell real (target) from fake (student)."""
+        real_logits = self(real.detach(), t_end, x_t, t, cond)
+        fake_logits = self(fake.detach(), t_end, x_t, t, cond)
+        if self.cfg.loss == "hinge":
+            return F.relu(1 - real_logits) + F.relu(1 + fake_logits)
+        return F.softplus(-real_logits) + F.softplus(fake_logits)

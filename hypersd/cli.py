@@ -72,8 +72,10 @@ def _distill(args) -> None:
     from hypersd.distill.loop import distill
     from hypersd.distill.recipe import load_run
     run = load_run(_recipe_path(args.recipe), args.set or [])
-    for path in distill(run):
-        print(f"wrote {path}")
+    paths = distill(run)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        for path in paths:
+            print(f"wrote {path}")
 
 
 def _recipe_path(name: str) -> str:

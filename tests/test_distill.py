@@ -125,3 +125,23 @@ def test_adversarial_stage_trains_and_resumes(tmp_path, family):
 def test_every_bundled_recipe_is_valid(name):
     run = load_run(f"hypersd/recipes/distill/{name}.yaml")
     assert sum(s.steps for s in run.stages) == 6000, "the runs compare at one budget of teacher calls"
+
+
+def test_two_processes_train_and_agree(tmp_path, tiny_dirs):
+    """torchrun with 2 CPU processes (gloo): gradients are averaged, so replicas stay equal."""
+    import json
+    import os
+    import subprocess
+    import sys
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_dirs['sd15']}\noutput_dir: {tmp_path / 'run'}\n"
+                      "lora: {rank: 4, alpha: 4}\nsplit: eval\nthreads: 1\n"
+                      "stages:\n  - {method: tscd, segments: 2, steps: 3, batch_size: 2, lr: 1.0e-3}\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29517", "-m", "hypersd.cli", "distill", str(recipe)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sums = json.loads((tmp_path / "run" / "replicas.json").read_text())["checksums"]
+    assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-9)
+    assert (tmp_path / "run" / "0-tscd-k2.safetensors").exists()

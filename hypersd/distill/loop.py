@@ -9,6 +9,7 @@ LoRA. A non-finite loss stops the run and keeps the last good checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
@@ -29,8 +31,27 @@ from hypersd.distill.recipe import RunConfig
 from hypersd.errors import UserError
 
 
-def _generator(seed: int, stage: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + stage) * 10_000_019 + step)
+def _generator(seed: int, stage: int, step: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + stage) * 10_000_019 + step) * 101 + rank)
+
+
+def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Data parallelism: each process's gradients averaged over processes in one all-reduce."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def replica_checksum(nets: Networks) -> float:
+    """A number that differs between processes whose students have drifted apart."""
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(nets.trainable())))
 
 
 def _lora_config(run: RunConfig) -> LoraConfig | None:
@@ -72,7 +93,8 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
         torch.set_num_threads(run.threads)
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=run.mixed_precision, log_with="tensorboard",
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # cpu: gloo across CPU processes
+                              mixed_precision=run.mixed_precision, log_with="tensorboard",
                               project_dir=str(out), gradient_accumulation_steps=run.gradient_accumulation)
     pipe = pipe or load_pipeline(run.model, dtype=torch.float32, device=str(accelerator.device))
     examples = examples or emoji32_examples(pipe, run.split)
@@ -81,6 +103,7 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
     lora = _lora_config(run)
     if run.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    set_seed(run.seed)  # the LoRA's random A matrices: the same on every process
     nets = Networks(pipe.unet, lora)
     accelerator.init_trackers("distill")
     exported, previous = [], None
@@ -115,7 +138,7 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
                    disable=not accelerator.is_local_main_process)
         began, avg = time.time(), None
         for step in bar:
-            g = _generator(run.seed, index, step)
+            g = _generator(run.seed, index, step, accelerator.process_index)
             batch = examples.sample(stage.batch_size, g)
             with accelerator.autocast():
                 terms = loss_fn.terms(student, teacher, target, batch, g)
@@ -130,6 +153,7 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
                 raise UserError(f"stage {stage.name}: loss is {loss.item()} at step {step}; the last "
                                 f"good checkpoint is {ckpt if ckpt.exists() else 'none'} (lower lr?)")
             accelerator.backward(loss)
+            _average_gradients(nets.trainable(), accelerator)
             torch.nn.utils.clip_grad_norm_(nets.trainable(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -141,6 +165,7 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
                     c_loss = disc.critic_loss(terms.target, terms.prediction, terms.t_end, terms.x_t,
                                               terms.t, batch.cond).mean()
                 c_loss.backward()
+                _average_gradients(list(disc.heads.parameters()), accelerator)
                 critic_opt.step()
                 logs["critic"] = c_loss.item()
             avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
@@ -148,19 +173,27 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
             if (step + 1) % run.log_every == 0:
                 accelerator.log({f"{stage.name}/loss": loss.item(),
                                  **{f"{stage.name}/{k}": v for k, v in logs.items()}}, step=step + 1)
-            if (step + 1) % run.checkpoint_every == 0 or step + 1 == stage.steps:
+            if ((step + 1) % run.checkpoint_every == 0 or step + 1 == stage.steps) and accelerator.is_main_process:
                 _save_checkpoint(ckpt, nets, opt, step + 1, critic)
         info = {"base_model": run.model, "method": stage.method, "segments": stage.segments,
                 "steps_served": "1-8", "recipe": "hyper-sd-unified" if stage.segments == 1 else "hyper-sd",
                 "stage": stage.name, "train_steps": stage.steps,
                 "seconds": round(time.time() - began, 1)}
         previous = nets.student_state()
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            exported.append(final)
+            continue
         if lora is not None:
             exported.append(save_lora(previous, lora, final, info, sdxl=hasattr(pipe, "text_encoder_2"))[0])
         else:
             pipe.unet.save_pretrained(out / stage.name)
             final.touch()
             exported.append(out / stage.name)
+    if accelerator.num_processes > 1:  # every process reports its replica, so drift is visible
+        sums = accelerator.gather(torch.tensor([replica_checksum(nets)], dtype=torch.float64))
+        if accelerator.is_main_process:
+            (out / "replicas.json").write_text(json.dumps({"checksums": sums.tolist()}) + "\n")
     accelerator.end_training()
     return exported
 

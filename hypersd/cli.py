@@ -41,6 +41,10 @@ def _train_teacher(args) -> None:
 def _export_teacher(args) -> None:
     from hypersd.teacher import export_pipeline
     print(f"exported {export_pipeline(args.run_dir, args.out)}")
+    if args.handoff:
+        from hypersd.teacher.train import handoff_from_checkpoint
+        step = handoff_from_checkpoint(args.run_dir, args.handoff)
+        print(f"wrote {args.handoff} (step {step})")
 
 
 def _train_classifier(args) -> None:
@@ -62,6 +66,14 @@ def _eval(args) -> None:
 
 
 def _bench(args) -> None:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "train-cost":
+        from hypersd.bench.train_cost import TrainCostConfig, bench_train_cost
+        result = bench_train_cost(TrainCostConfig(repeats=args.repeats, out_dir=args.out))
+        print(f"step / floor = {result['step_over_floor']:.3f}; wrote {args.out}/train_cost.md")
+        return
     from hypersd.bench.speed import SpeedConfig, bench_speed
     cfg = SpeedConfig(model=args.model, repeats=args.repeats, out_dir=args.out, threads=args.threads)
     bench_speed(cfg)
@@ -164,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="outputs/eval")
     v.set_defaults(func=_eval)
 
-    sp = sub.add_parser("bench", help="benchmarks: `bench speed`")
-    sp.add_argument("what", choices=["speed"])
+    sp = sub.add_parser("bench", help="benchmarks: `bench speed`, `bench train-cost`")
+    sp.add_argument("what", choices=["speed", "train-cost"])
     sp.add_argument("--model")
     sp.add_argument("--repeats", type=int, default=7)
     sp.add_argument("--threads", type=int, default=0)
@@ -200,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-teacher", help="write a run's VAE + EMA UNet as the pipeline folder")
     e.add_argument("--run-dir", default="runs/teacher")
     e.add_argument("--out", default=str(MINI_DIR))
+    e.add_argument("--handoff", help="also write this handoff file from the latest checkpoint")
     e.set_defaults(func=_export_teacher)
     return parser
 

@@ -44,6 +44,8 @@ def test_teacher_training_resumes_and_exports(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "unet-checkpoints").iterdir()) == \
         ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "handoff.safetensors").exists()
+    from hypersd.teacher.train import handoff_from_checkpoint
+    assert handoff_from_checkpoint(tmp_path / "run", str(tmp_path / "again.safetensors")) == 4
     out = export_pipeline(tmp_path / "run", tmp_path / "pipe")
     image = generate(["rocket"], model=str(out), recipe="teacher", steps=2).images[0]
     assert image.size == (32, 32)

@@ -205,6 +205,21 @@ def _save_handoff(path: str, model, ema, step: int) -> None:
     os.replace(f"{path}.tmp", path)
 
 
+def handoff_from_checkpoint(run_dir: str | Path, path: str) -> int:
+    """Write the handoff file from the latest UNet checkpoint (e.g. after stopping a run)."""
+    from safetensors.torch import load_file
+    last = _checkpoints(Path(run_dir) / "unet-checkpoints")[-1:]
+    if not last:
+        raise UserError(f"no UNet checkpoint under {run_dir}")
+    step = int(last[0].name.split("-")[1])
+    model = build_unet()
+    model.load_state_dict(load_file(last[0] / "model.safetensors"))
+    ema = EMAModel(model.parameters())
+    ema.load_state_dict(torch.load(last[0] / "custom_checkpoint_0.pkl", weights_only=False))
+    _save_handoff(path, model, ema, step)
+    return step
+
+
 def _load_handoff(path: str, model, ema) -> int:
     with safe_open(path, "pt") as f:
         meta = f.metadata()

@@ -58,3 +58,14 @@ def test_emojinet_shapes_and_augment_range():
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
     white = augment(torch.ones(2, 3, 32, 32), torch.Generator().manual_seed(0))
     assert white.mean() > 0.8, "augmentation must pad with white"
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    from hypersd.metrics import kid
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(600, 4)), rng.normal(size=(600, 4))
+    same, _ = kid(a, b, subsets=20, subset_size=300)
+    shifted, _ = kid(a, b + 1.0, subsets=20, subset_size=300)
+    assert abs(same) < 0.02 and shifted > 0.5
+    # a larger shift, a larger distance
+    assert kid(a, b + 2.0, subsets=5, subset_size=300)[0] > shifted

@@ -159,7 +159,9 @@ def plot_metrics(rows: dict, path: Path) -> None:
             if not pts:
                 continue
             s, v, lo, hi = map(np.array, zip(*pts))
-            ax.errorbar(s, v, yerr=[v - lo, hi - v], marker="o", capsize=3, label=m)
+            # a bootstrap interval of FD can lie above the estimate (FD is biased upward)
+            yerr = [np.maximum(v - lo, 0), np.maximum(hi - v, 0)]
+            ax.errorbar(s, v, yerr=yerr, marker="o", capsize=3, label=m)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("steps")
         ax.set_title(name)

@@ -90,7 +90,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise UserError(str(e)) from e
     pipe = load_pipeline(cfg.model)
     tag = f"{cfg.split}-n{cfg.samples}-s{cfg.seed}"
-    teacher = generate_set(pipe, resolve_recipe(REFERENCE[0], steps=REFERENCE[1]), prompts, seeds,
+    reference_recipe = resolve_recipe(REFERENCE[0], steps=REFERENCE[1])
+    teacher = generate_set(pipe, reference_recipe, prompts, seeds,
                            out / "images" / f"reference-{tag}", cfg.batch, "teacher reference")
     reference = metrics.score(teacher, prompts).features
     load_loras(pipe, [(p, recipes[cfg.steps[0]].lora_scale if s is None else s)
@@ -99,8 +100,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     rows = json.loads(results_file.read_text()) if results_file.exists() else {}
     grid_rows = []
     for n in tqdm(cfg.steps, desc=f"eval {label}"):
-        images = generate_set(pipe, recipes[n], prompts, seeds,
-                              out / "images" / f"{_slug(label)}-{n}-{tag}", cfg.batch, f"{n} steps")
+        if recipes[n] == reference_recipe and not cfg.loras:  # the reference itself: reuse it
+            images = teacher
+        else:
+            images = generate_set(pipe, recipes[n], prompts, seeds,
+                                  out / "images" / f"{_slug(label)}-{n}-{tag}", cfg.batch, f"{n} steps")
         scored = metrics.score(images, prompts)
         row = metrics.report(scored, prompts)
         row["fd_teacher"] = metrics.fd(scored.features, reference)

@@ -9,13 +9,12 @@ shapes; the ratio step / floor is our overhead (adapter switching, solver math, 
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from hypersd.bench.speed import _median_time
 from hypersd.distill.data import emoji32_examples
 from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.loop import _generator, _lora_config
@@ -31,16 +30,6 @@ class TrainCostConfig:
     repeats: int = 10
     batch_size: int = 0            # 0: the stage's own
     out_dir: str = "benchmarks"
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def bench_train_cost(cfg: TrainCostConfig) -> dict:
@@ -78,8 +67,8 @@ def bench_train_cost(cfg: TrainCostConfig) -> dict:
         student(x, t, batch.cond).x0.float().pow(2).mean().backward()
         opt.zero_grad(set_to_none=True)
 
-    timed = {"step": _median(step, cfg.repeats), "teacher_cfg": _median(teacher_pass, cfg.repeats),
-             "target": _median(target_pass, cfg.repeats), "student_fwd_bwd": _median(student_pass, cfg.repeats)}
+    timed = {"step": _median_time(step, cfg.repeats), "teacher_cfg": _median_time(teacher_pass, cfg.repeats),
+             "target": _median_time(target_pass, cfg.repeats), "student_fwd_bwd": _median_time(student_pass, cfg.repeats)}
     floor = timed["teacher_cfg"] + timed["target"] + timed["student_fwd_bwd"]
     result = {"recipe": cfg.recipe, "stage": stage.name, "batch": n, "threads": torch.get_num_threads(),
               **{f"{k}_ms": 1000 * v for k, v in timed.items()}, "floor_ms": 1000 * floor,

@@ -33,14 +33,3 @@ def to_kohya(state: dict[str, torch.Tensor], alpha: float | dict[str, float],
         a = alpha if isinstance(alpha, (int, float)) else alpha[module]
         out[f"{base}.alpha"] = torch.tensor(float(a))
     return out
-
-
-def from_kohya(path: str, pipeline_cls=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read any LoRA file diffusers understands (kohya included) as diffusers tensors.
-
-    Returns (state dict, network alphas) as diffusers' ``lora_state_dict`` gives them.
-    """
-    if pipeline_cls is None:
-        from diffusers import StableDiffusionPipeline as pipeline_cls
-    state, alphas = pipeline_cls.lora_state_dict(path)
-    return state, alphas or {}

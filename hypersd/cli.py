@@ -18,6 +18,12 @@ def _generate(args) -> None:
     print(f"wrote {len(paths) - 1} image(s) and the grid {paths[-1]}")
 
 
+def _recipes(args) -> None:
+    from hypersd.generate.recipes import load_recipes
+    for name, recipe in load_recipes().items():
+        print(f"{name:24s} {recipe.description}")
+
+
 def _demo(args) -> None:
     from hypersd.demo import run_demo
     print(f"wrote {run_demo(args.out, seed=args.seed)}")
@@ -185,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_bench)
 
     r = sub.add_parser("recipes", help="list the inference recipes")
-    r.set_defaults(func=lambda a: [print(f"{n:24s} {x.description}") for n, x in
-                                   __import__("hypersd.generate.recipes", fromlist=["x"]).load_recipes().items()])
+    r.set_defaults(func=_recipes)
 
     d = sub.add_parser("demo", help="the bundled model: teacher at 25 steps next to 1/2/4/8 steps")
     d.add_argument("--out", default="outputs/demo")

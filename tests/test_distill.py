@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from hypersd.distill.data import LatentCaptions

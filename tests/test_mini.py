@@ -1,7 +1,6 @@
 """The bundled mini model: stock diffusers loads it, and the teacher training path runs."""
 
 import numpy as np
-import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image

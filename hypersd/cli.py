@@ -64,7 +64,9 @@ def _eval(args) -> None:
     from hypersd.evaluate import EvalConfig, run_eval
     cfg = EvalConfig(model=args.model, loras=args.lora or [], recipe=args.recipe,
                      steps=[int(s) for s in args.steps.split(",")], label=args.label,
-                     split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out)
+                     split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out,
+                     clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward,
+                     inception=args.inception)
     rows = run_eval(cfg)
     from hypersd.evaluate import markdown_table
     print(markdown_table(rows))
@@ -124,7 +126,7 @@ def _lora(args) -> None:
             from hypersd.generate.loading import load_pipeline
             names = tools.unet_module_names(load_pipeline(args.model))
         result = tools.to_format(result, args.to, names)
-    print(f"wrote {tools.write_lora(result, args.out)} ({result.format}, {len(result.modules)} modules)")
+    print(f"wrote {tools.write_lora(result, args.out, args.dtype)} ({result.format}, {len(result.modules)} modules)")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--to", choices=["diffusers", "kohya"], help="output format (default: the input's)")
     lo.add_argument("--scale", type=float, default=1.0, help="rescale: multiply the LoRA's effect")
     lo.add_argument("--model", help="base model, for kohya -> diffusers module names")
+    lo.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="output precision (default: the input's)")
     lo.set_defaults(func=_lora)
 
     v = sub.add_parser("eval", help="quality against steps on the emoji32 evaluation split")
@@ -180,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", type=int, default=840, help="images per step count")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default="outputs/eval")
+    v.add_argument("--clip", metavar="MODEL", help="CLIP folder or hub id: adds CLIP score")
+    v.add_argument("--aesthetic", metavar="PTH", help="LAION aesthetic head: adds aesthetic score")
+    v.add_argument("--imagereward", metavar="PT", help="ImageReward.pt: adds ImageReward")
+    v.add_argument("--inception", metavar="PTH",
+                   help="pt_inception-2015-12-05-6726825d.pth: adds FID and KID to the data")
     v.set_defaults(func=_eval)
 
     sp = sub.add_parser("bench", help="benchmarks: `bench speed`, `bench train-cost`")

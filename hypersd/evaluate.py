@@ -25,7 +25,9 @@ from hypersd.generate.loading import parse_lora
 
 REFERENCE = ("teacher", 25)  # (recipe, steps) of the teacher reference set
 COLUMNS = [("fd", "FD→data ↓"), ("fd_teacher", "FD→teacher ↓"), ("top1", "top-1 % ↑"),
-           ("top5", "top-5 % ↑"), ("diversity", "diversity")]
+           ("top5", "top-5 % ↑"), ("diversity", "diversity"), ("clip", "CLIP ↑"),
+           ("aesthetic", "aesthetic ↑"), ("imagereward", "ImageReward ↑"), ("fid", "FID ↓"),
+           ("kid", "KID ↓")]
 
 
 @dataclass
@@ -42,6 +44,45 @@ class EvalConfig:
     out_dir: str = "outputs/eval"
     grid_prompts: int = 8
     classifier: str | None = None            # emoji network folder; None = the bundled one
+    clip: str | None = None                  # CLIP folder or hub id: CLIP score
+    aesthetic: str | None = None             # LAION aesthetic head (.pth) on aesthetic_clip
+    aesthetic_clip: str = "openai/clip-vit-large-patch14"
+    imagereward: str | None = None           # ImageReward.pt, on imagereward_blip's shape
+    imagereward_blip: str = "Salesforce/blip-itm-large-coco"
+    inception: str | None = None             # FID Inception weights (.pth): FID/KID to data
+
+
+def real_metrics(cfg: EvalConfig) -> dict:
+    """The real-model metrics whose weights ``cfg`` names, built now (errors say what is missing)."""
+    from hypersd.metrics.imagereward import ImageReward
+    from hypersd.metrics.inception import InceptionFid
+    from hypersd.metrics.real import AestheticScore, ClipScore
+    out = {}
+    if cfg.clip:
+        out["clip"] = ClipScore.from_pretrained(cfg.clip)
+    if cfg.aesthetic:
+        out["aesthetic"] = AestheticScore.from_pretrained(cfg.aesthetic, cfg.aesthetic_clip)
+    if cfg.imagereward:
+        out["imagereward"] = ImageReward.from_pretrained(cfg.imagereward, cfg.imagereward_blip)
+    if cfg.inception:
+        out["fid"] = InceptionFid.from_pretrained(cfg.inception)
+    return out
+
+
+def score_real(scorers: dict, images, prompts, data_features, rounds: int = 200) -> dict:
+    """Per-image metrics as means with percentile intervals; FID/KID against ``data_features``."""
+    from hypersd.metrics.stats import bootstrap_ci
+    row = {}
+    for name, metric in scorers.items():
+        if name == "fid":
+            r = metric(images, data_features)
+            row.update(fid=r["fid"], kid=r["kid"], kid_ci=(r["kid"] - 2 * r["kid_std"],
+                                                           r["kid"] + 2 * r["kid_std"]))
+            continue
+        values = np.asarray(metric(images, prompts), np.float64)
+        row[name] = float(values.mean())
+        row[f"{name}_ci"] = bootstrap_ci(lambda idx: values[idx].mean(), len(values), rounds)
+    return row
 
 
 def _prompts(split: str, n: int) -> list[str]:
@@ -88,6 +129,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         metrics = MiniMetrics(*([cfg.classifier] if cfg.classifier else []))
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
+    scorers = real_metrics(cfg)
+    data_features = None
+    if "fid" in scorers:
+        data = load_emoji32()
+        data_features = scorers["fid"].features(
+            [Image.fromarray(data.images[i]) for i in data.indices(cfg.split)])
     pipe = load_pipeline(cfg.model)
     tag = f"{cfg.split}-n{cfg.samples}-s{cfg.seed}"
     reference_recipe = resolve_recipe(REFERENCE[0], steps=REFERENCE[1])
@@ -109,6 +156,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         row = metrics.report(scored, prompts)
         row["fd_teacher"] = metrics.fd(scored.features, reference)
         row["fd_teacher_ci"] = _fd_ci(metrics, scored.features, reference)
+        row.update(score_real(scorers, images, prompts, data_features))
         row.update(method=label, steps=n, samples=cfg.samples, split=cfg.split)
         rows[f"{label}@{n}"] = row
         grid_rows.append(images[:cfg.grid_prompts])
@@ -124,7 +172,9 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 def _fd_ci(metrics, features, reference, rounds: int = 200):
     from hypersd.metrics.stats import bootstrap_ci
-    return bootstrap_ci(lambda idx: metrics.fd(features[idx], reference), len(features), rounds)
+    lo, hi = bootstrap_ci(lambda idx: metrics.fd(features[idx], reference), len(features), rounds,
+                          centred=True)
+    return max(lo, 0.0), hi
 
 
 def _slug(text: str) -> str:
@@ -132,20 +182,26 @@ def _slug(text: str) -> str:
 
 
 def markdown_table(rows: dict) -> str:
-    """Rows (method, steps) by metric, each as value [95% interval]."""
-    head = "| method | steps | " + " | ".join(name for _, name in COLUMNS) + " |\n"
-    head += "|---|---:|" + "---:|" * len(COLUMNS) + "\n"
+    """Rows (method, steps) by metric, each as value [95% interval]; columns no row has are left out."""
+    columns = _columns(rows)
+    head = "| method | steps | " + " | ".join(name for _, name in columns) + " |\n"
+    head += "|---|---:|" + "---:|" * len(columns) + "\n"
     lines = []
     for row in sorted(rows.values(), key=lambda r: (r["method"], r["steps"])):
         cells = []
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             if key not in row:
                 cells.append("–")
                 continue
             lo, hi = row.get(f"{key}_ci", (np.nan, np.nan))
-            cells.append(f"{row[key]:.2f} [{lo:.2f}, {hi:.2f}]")
+            digits = 4 if key == "kid" else 2
+            cells.append(f"{row[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
         lines.append(f"| {row['method']} | {row['steps']} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def _columns(rows: dict) -> list[tuple[str, str]]:
+    return [(k, name) for k, name in COLUMNS if any(k in r for r in rows.values())]
 
 
 def plot_metrics(rows: dict, path: Path) -> None:
@@ -154,16 +210,17 @@ def plot_metrics(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4 * len(COLUMNS), 3.4))
+    columns = _columns(rows)
+    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.4), squeeze=False)
+    axes = axes[0]
     methods = sorted({r["method"] for r in rows.values()})
-    for ax, (key, name) in zip(axes, COLUMNS):
+    for ax, (key, name) in zip(axes, columns):
         for m in methods:
             pts = sorted((r["steps"], r[key], *r.get(f"{key}_ci", (r[key], r[key])))
                          for r in rows.values() if r["method"] == m and key in r)
             if not pts:
                 continue
             s, v, lo, hi = map(np.array, zip(*pts))
-            # a bootstrap interval of FD can lie above the estimate (FD is biased upward)
             yerr = [np.maximum(v - lo, 0), np.maximum(hi - v, 0)]
             ax.errorbar(s, v, yerr=yerr, marker="o", capsize=3, label=m)
         ax.set_xscale("log", base=2)

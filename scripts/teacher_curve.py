@@ -1,4 +1,7 @@
-"""Plot the teacher UNet's training loss from its TensorBoard log (benchmarks/teacher-curve.*)."""
+"""Plot the teacher UNet's training loss from its TensorBoard logs (benchmarks/teacher-curve.*).
+
+Points already in benchmarks/teacher-curve.json (earlier machines' logs) are kept.
+"""
 import glob
 import json
 import sys
@@ -11,6 +14,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 run = sys.argv[1] if len(sys.argv) > 1 else "runs/teacher"
 points = {}
+try:
+    old = json.load(open("benchmarks/teacher-curve.json"))
+    points.update(zip(old["steps"], old["loss"]))
+except FileNotFoundError:
+    pass
 for path in sorted(glob.glob(f"{run}/teacher-unet/events*")):
     ea = EventAccumulator(path)
     ea.Reload()

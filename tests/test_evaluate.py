@@ -38,3 +38,30 @@ def test_eval_writes_table_plot_grid_and_resumes(tmp_path, random_classifier):
     assert [p.stat().st_mtime_ns for p in images] == stamps, "an interrupted run must reuse images"
     table = markdown_table(json.loads((tmp_path / "results.json").read_text()))
     assert table.count("\n") == 2 + 3 and "| again | 2 |" in table
+
+
+def test_eval_adds_real_metric_columns_when_their_weights_are_given(tmp_path, random_classifier):
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from hypersd.errors import UserError
+    from hypersd.testing import _tokenizer
+
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=40, eos_token_id=102),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    _tokenizer().save_pretrained(tmp_path / "clip")
+    cfg = EvalConfig(recipe="teacher-trailing", steps=[1], samples=6, batch=6,
+                     out_dir=str(tmp_path / "out"), classifier=random_classifier,
+                     clip=str(tmp_path / "clip"))
+    row = run_eval(cfg)["teacher-trailing@1"]
+    lo, hi = row["clip_ci"]
+    assert 0 <= lo <= row["clip"] <= hi <= 100
+    assert "CLIP ↑" in (tmp_path / "out" / "table.md").read_text()
+    with pytest.raises(UserError, match="Inception weights"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "clip": None, "inception": str(tmp_path / "x.pth")}))

@@ -42,6 +42,17 @@ def test_round_trip_through_kohya_keeps_delta(lora_file, tmp_path):
         torch.testing.assert_close(_delta(back)[n], d)
 
 
+def test_half_precision_copy_keeps_delta_to_fp16_rounding(lora_file, tmp_path):
+    from safetensors.torch import load_file
+    half = write_lora(read_lora(lora_file), tmp_path / "h.safetensors", dtype="fp16")
+    assert all(v.dtype == torch.float16 for v in load_file(half).values())
+    back = read_lora(half)
+    for n, d in _delta(read_lora(lora_file)).items():
+        torch.testing.assert_close(_delta(back)[n].float(), d, atol=2e-3, rtol=2e-3)
+    with pytest.raises(UserError, match="unknown dtype"):
+        write_lora(read_lora(lora_file), tmp_path / "x.safetensors", dtype="fp8")
+
+
 def test_merge_adds_deltas_and_rescale_scales(lora_file):
     lf = read_lora(lora_file)
     merged = merge([(lf, 0.3), (rescale(lf, 2.0), 0.2)])

@@ -69,3 +69,14 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     assert abs(same) < 0.02 and shifted > 0.5
     # a larger shift, a larger distance
     assert kid(a, b + 2.0, subsets=5, subset_size=300)[0] > shifted
+
+
+def test_centred_bootstrap_interval_covers_fd_despite_its_upward_bias():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(200, 64)), rng.normal(0.1, 1.0, size=(200, 64))
+    fd_of = lambda idx: feature_fd(a[idx], b)  # noqa: E731
+    estimate = fd_of(np.arange(200))
+    lo, hi = bootstrap_ci(fd_of, 200, rounds=100)
+    assert lo > estimate  # resampling repeats points, which inflates FD: the percentile misses
+    clo, chi = bootstrap_ci(fd_of, 200, rounds=100, centred=True)
+    assert clo < estimate < chi and chi - clo == pytest.approx(hi - lo)

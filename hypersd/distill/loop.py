@@ -25,7 +25,7 @@ from hypersd.distill.adversarial import AdversarialConfig, Discriminator
 from hypersd.distill.data import emoji32_examples
 from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.export import save_lora
-from hypersd.distill.methods import METHODS
+from hypersd.distill.methods import METHODS, recommended_recipe
 from hypersd.distill.networks import Networks
 from hypersd.distill.recipe import RunConfig
 from hypersd.errors import UserError
@@ -176,7 +176,7 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
             if ((step + 1) % run.checkpoint_every == 0 or step + 1 == stage.steps) and accelerator.is_main_process:
                 _save_checkpoint(ckpt, nets, opt, step + 1, critic)
         info = {"base_model": run.model, "method": stage.method, "segments": stage.segments,
-                "steps_served": "1-8", "recipe": "hyper-sd-unified" if stage.segments == 1 else "hyper-sd",
+                "steps_served": "1-8", "recipe": recommended_recipe(stage),
                 "stage": stage.name, "train_steps": stage.steps,
                 "seconds": round(time.time() - began, 1)}
         previous = nets.student_state()

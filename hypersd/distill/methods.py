@@ -23,3 +23,12 @@ METHODS = {
     "pcm": _consistency("edge", "huber"),
     "tscd": _consistency("uniform", "mse"),
 }
+
+
+def recommended_recipe(stage) -> str:
+    """The inference recipe (``hypersd/recipes/inference.yaml``) that serves a stage's student."""
+    if stage.guidance is None:  # CFG kept in the student: sample with guidance
+        return "tscd-cfg"
+    if stage.method in ("lcm", "tcd"):
+        return stage.method
+    return "hyper-sd-unified" if stage.method == "tscd" and stage.segments == 1 else "hyper-sd"

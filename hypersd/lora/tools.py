@@ -105,8 +105,12 @@ def to_format(lf: LoraFile, fmt: str, module_names: list[str] | None = None) -> 
     raise UserError(f"unknown LoRA format {fmt!r}: use diffusers or kohya")
 
 
-def write_lora(lf: LoraFile, path: str | Path) -> Path:
-    """Write in the LoraFile's own format (alphas kept exactly as kohya alphas / folded into B)."""
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def write_lora(lf: LoraFile, path: str | Path, dtype: str | None = None) -> Path:
+    """Write in the LoraFile's own format (alphas kept exactly as kohya alphas / folded into B),
+    in ``dtype`` ("fp32", "fp16" or "bf16"; default: as read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -121,6 +125,10 @@ def write_lora(lf: LoraFile, path: str | Path) -> Path:
             tensors[f"{name}.lora_B.weight"] = (b * scale).contiguous()
     # no peft metadata: with scales folded into B, loaders infer rank from shapes, alpha = rank
     meta = {k: v for k, v in lf.metadata.items() if k == "hypersd"}
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+        tensors = {k: v if k.endswith(".alpha") else v.to(DTYPES[dtype]) for k, v in tensors.items()}
     save_file(tensors, path, metadata={"format": "pt", **meta})
     return path
 

@@ -95,9 +95,7 @@ class _VaeTask:
 class _UnetTask:
     def __init__(self, cfg: TeacherConfig, run_dir: Path, device):
         self.cfg = cfg
-        vae_dir = run_dir / "vae"
-        if not (vae_dir / "config.json").exists() and cfg.handoff:
-            vae_dir = Path(cfg.handoff).with_name("teacher-vae")
+        vae_dir = vae_folder(run_dir, cfg.handoff)
         if not (vae_dir / "config.json").exists():
             raise UserError(f"no trained VAE in {vae_dir}: run the 'vae' phase first")
         vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(device)
@@ -245,10 +243,20 @@ def _save_weights(model, ema, run_dir: Path, phase: str, task) -> None:
     os.replace(tmp, run_dir / "unet")
 
 
-def export_pipeline(run_dir: str | Path, out_dir: str | Path = MINI_DIR) -> Path:
-    """Write run_dir's VAE and EMA UNet as a diffusers StableDiffusionPipeline folder in fp16."""
+def vae_folder(run_dir: str | Path, handoff: str | None) -> Path:
+    """The trained VAE: run_dir's own, else the one kept beside the handoff file."""
+    vae_dir = Path(run_dir) / "vae"
+    if not (vae_dir / "config.json").exists() and handoff:
+        vae_dir = Path(handoff).with_name("teacher-vae")
+    return vae_dir
+
+
+def export_pipeline(run_dir: str | Path, out_dir: str | Path = MINI_DIR,
+                    handoff: str | None = "train-state/teacher-unet.safetensors") -> Path:
+    """Write run_dir's VAE and EMA UNet as a diffusers StableDiffusionPipeline folder in fp16
+    (the VAE from beside ``handoff`` when run_dir has none)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    vae = AutoencoderKL.from_pretrained(run_dir / "vae")
+    vae = AutoencoderKL.from_pretrained(vae_folder(run_dir, handoff))
     unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
                                    scheduler=build_scheduler(), safety_checker=None,

@@ -1,0 +1,130 @@
+"""ImageReward: a human-preference reward of an image for its prompt [Xu et al. 2023].
+
+A BLIP ViT encodes the image; BLIP's BERT text encoder reads the prompt while cross-attending
+to the image tokens; an MLP maps the first token's state to a reward, standardised with the
+mean and spread the authors measured on their data. We run it on transformers' BLIP
+(``BlipForImageTextRetrieval``) and read the published ``ImageReward.pt`` through
+:func:`convert_checkpoint`, which renames its keys to that layout.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hypersd.errors import UserError
+from hypersd.metrics.real import AestheticHead, _load, clip_pixels
+
+REWARD_MEAN, REWARD_STD = 0.16717362830052426, 1.0333394966054072  # the published standardisation
+MAX_TOKENS = 35
+
+# ImageReward.pt's BLIP vision keys -> transformers' (the text encoder's names already agree)
+_VISION_RENAMES = [
+    (r"^cls_token$", "embeddings.class_embedding"),
+    (r"^pos_embed$", "embeddings.position_embedding"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
+    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+    (r"^norm\.", "post_layernorm."),
+]
+
+
+def convert_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Split the published state dict into (BLIP weights in transformers' names, MLP head)."""
+    blip, head = {}, {}
+    for key, value in state.items():
+        if key.startswith("mlp."):
+            head[key[len("mlp."):]] = value
+        elif key.startswith("blip.visual_encoder."):
+            name = key[len("blip.visual_encoder."):]
+            for pattern, repl in _VISION_RENAMES:
+                name, hits = re.subn(pattern, repl, name)
+                if hits:
+                    break
+            else:
+                raise UserError(f"unexpected ImageReward vision key {key!r}")
+            blip[f"vision_model.{name}"] = value
+        elif key.startswith("blip.text_encoder."):
+            blip[key[len("blip."):]] = value
+    if not blip or not head:
+        raise UserError("not an ImageReward checkpoint: expected 'blip.*' and 'mlp.*' keys")
+    return blip, head
+
+
+class ImageReward:
+    """Reward per (image, prompt); higher is preferred. About N(0, 1) over the authors' data."""
+
+    def __init__(self, blip, tokenizer, head: AestheticHead):
+        self.blip, self.tokenizer = blip.eval().requires_grad_(False), tokenizer
+        self.head = head.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str, blip: str = "Salesforce/blip-itm-large-coco"
+                        ) -> "ImageReward":
+        """``checkpoint``: the published ``ImageReward.pt``; ``blip``: a transformers BLIP
+        retrieval model of the same shape (ViT-L, 224 px), from a folder or hub id, whose
+        config and tokenizer are used and whose weights are replaced."""
+        from transformers import AutoTokenizer, BlipForImageTextRetrieval
+        if not Path(checkpoint).is_file():
+            raise UserError(f"ImageReward weights {checkpoint!r} not found: download "
+                            "ImageReward.pt (hub: THUDM/ImageReward) and pass its path")
+        model = _load("BLIP", BlipForImageTextRetrieval.from_pretrained, blip)
+        tokenizer = _load("BLIP tokenizer", AutoTokenizer.from_pretrained, blip)
+        weights, head_state = convert_checkpoint(
+            torch.load(checkpoint, map_location="cpu", weights_only=True))
+        missing, _ = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if k.startswith(("vision_model.", "text_encoder."))
+                   and not k.endswith("position_ids")]
+        if missing:
+            raise UserError(f"{checkpoint} does not fit the BLIP model {blip!r}: "
+                            f"{len(missing)} weights missing, e.g. {missing[:2]}")
+        head = AestheticHead(model.config.text_config.hidden_size)
+        head.load_state_dict(head_state)
+        return cls(model, tokenizer, head)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        pixels = clip_pixels(images, self.blip.config.vision_config.image_size)
+        image_tokens = self.blip.vision_model(pixel_values=pixels).last_hidden_state
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True,
+                             max_length=MAX_TOKENS, return_tensors="pt")
+        text = self.blip.text_encoder(
+            input_ids=ids.input_ids, attention_mask=ids.attention_mask,
+            encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long))
+        reward = self.head(text.last_hidden_state[:, 0]).squeeze(-1)
+        return ((reward - REWARD_MEAN) / REWARD_STD).numpy()
+
+
+def published_layout(model: nn.Module, head: AestheticHead) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`convert_checkpoint`: our modules' weights under the published
+    names (for tests, and to write a checkpoint other ImageReward code reads)."""
+    inverse = [(r"^embeddings\.class_embedding$", "cls_token"),
+               (r"^embeddings\.position_embedding$", "pos_embed"),
+               (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+               (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+               (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+               (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
+               (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+               (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+               (r"^post_layernorm\.", "norm.")]
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vision_model."):
+            name = key[len("vision_model."):]
+            for pattern, repl in inverse:
+                name, hits = re.subn(pattern, repl, name)
+                if hits:
+                    break
+            out[f"blip.visual_encoder.{name}"] = value
+        elif key.startswith("text_encoder."):
+            out[f"blip.{key}"] = value
+    out.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
+    return out

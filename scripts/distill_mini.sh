@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Distil the bundled mini teacher with every method and evaluate each student side by side:
+# the commands behind benchmarks/eval and benchmarks/loras. Rerun to continue after an
+# interruption: distillation resumes from its checkpoints and evaluation reuses its images.
+# Pass method names to run only those, e.g. `bash scripts/distill_mini.sh hyper-sd-mini lcm-mini`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HYPERSD=.venv/bin/hypersd
+OUT=${OUT:-benchmarks/eval}
+
+# recipe | inference recipe | step counts | table label
+RUNS="hyper-sd-mini|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE + adversarial)
+lcm-mini|lcm|1,2,4,8|LCM
+tcd-mini|tcd|1,2,4,8|TCD
+pcm-mini|hyper-sd|1,2,4,8|PCM (k=4)
+hyper-sd-mini-mse|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only)
+hyper-sd-mini-cfg|tscd-cfg|2,4,8|Hyper-SD TSCD, CFG kept (k=8,4)"
+
+while IFS='|' read -r name recipe steps label; do
+    if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
+    echo "== $name"
+    $HYPERSD distill "$name"
+    lora=$(ls runs/distill/"$name"/*.safetensors | grep -v kohya | sort | tail -1)
+    mkdir -p benchmarks/loras
+    $HYPERSD lora convert "$lora" "benchmarks/loras/$name.safetensors" --dtype fp16
+    $HYPERSD eval --lora "benchmarks/loras/$name.safetensors" --recipe "$recipe" \
+        --steps "$steps" --label "$label" --out "$OUT"
+done <<< "$RUNS"

@@ -79,7 +79,8 @@ def _bench(args) -> None:
         torch.set_num_threads(args.threads)
     if args.what == "train-cost":
         from hypersd.bench.train_cost import TrainCostConfig, bench_train_cost
-        result = bench_train_cost(TrainCostConfig(repeats=args.repeats, out_dir=args.out))
+        result = bench_train_cost(TrainCostConfig(recipe=_recipe_path(args.recipe), repeats=args.repeats,
+                                                  out_dir=args.out, overrides=tuple(args.set or ())))
         print(f"step / floor = {result['step_over_floor']:.3f}; wrote {args.out}/train_cost.md")
         return
     from hypersd.bench.speed import SpeedConfig, bench_speed
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=7)
     sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--out", default="benchmarks")
+    sp.add_argument("--recipe", default="hyper-sd-mini", help="train-cost: the distillation recipe")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="train-cost: override a recipe field")
     sp.set_defaults(func=_bench)
 
     r = sub.add_parser("recipes", help="list the inference recipes")

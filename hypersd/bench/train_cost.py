@@ -30,12 +30,13 @@ class TrainCostConfig:
     repeats: int = 10
     batch_size: int = 0            # 0: the stage's own
     out_dir: str = "benchmarks"
+    overrides: tuple[str, ...] = ()  # recipe fields, e.g. ("lora.rank=64",)
 
 
 def bench_train_cost(cfg: TrainCostConfig) -> dict:
     from hypersd.generate.loading import load_pipeline
 
-    run = load_run(cfg.recipe)
+    run = load_run(cfg.recipe, list(cfg.overrides))
     stage: StageConfig = run.stages[cfg.stage]
     n = cfg.batch_size or stage.batch_size
     pipe = load_pipeline(run.model, dtype=torch.float32, device="cpu")
@@ -70,7 +71,8 @@ def bench_train_cost(cfg: TrainCostConfig) -> dict:
     timed = {"step": _median_time(step, cfg.repeats), "teacher_cfg": _median_time(teacher_pass, cfg.repeats),
              "target": _median_time(target_pass, cfg.repeats), "student_fwd_bwd": _median_time(student_pass, cfg.repeats)}
     floor = timed["teacher_cfg"] + timed["target"] + timed["student_fwd_bwd"]
-    result = {"recipe": cfg.recipe, "stage": stage.name, "batch": n, "threads": torch.get_num_threads(),
+    result = {"recipe": cfg.recipe, "overrides": list(cfg.overrides), "stage": stage.name,
+              "lora_rank": run.lora.rank if not run.full_unet else None, "batch": n, "threads": torch.get_num_threads(),
               **{f"{k}_ms": 1000 * v for k, v in timed.items()}, "floor_ms": 1000 * floor,
               "step_over_floor": timed["step"] / floor}
     out = Path(cfg.out_dir)
@@ -78,6 +80,7 @@ def bench_train_cost(cfg: TrainCostConfig) -> dict:
     (out / "train_cost.json").write_text(json.dumps(result, indent=1) + "\n")
     rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in result.items() if k.endswith("_ms"))
     (out / "train_cost.md").write_text(
-        f"Stage {stage.name}, batch {n}, {result['threads']} threads\n\n| pass | ms |\n|---|---:|\n{rows}\n\n"
+        f"Stage {stage.name} of {Path(cfg.recipe).stem} {' '.join(cfg.overrides)}, batch {n}, "
+        f"LoRA rank {result['lora_rank']}, {result['threads']} threads\n\n| pass | ms |\n|---|---:|\n{rows}\n\n"
         f"step / floor = {result['step_over_floor']:.3f}\n")
     return result

@@ -163,8 +163,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(rows, indent=1) + "\n")
     (out / "table.md").write_text(markdown_table(rows))
-    cols = [f"{label}, {n} step{'s' * (n > 1)}" for n in cfg.steps]
-    make_grid([list(r) for r in zip(*grid_rows)], prompts[:cfg.grid_prompts], cols).save(
+    (out / "table-by-steps.md").write_text(steps_table(rows))
+    cols = [f"{n} step{'s' * (n > 1)}" for n in cfg.steps]
+    make_grid([list(r) for r in zip(*grid_rows)], prompts[:cfg.grid_prompts], cols, corner=label).save(
         out / f"grid-{_slug(label)}.png")
     plot_metrics(rows, out / "metrics.png")
     return rows
@@ -198,6 +199,20 @@ def markdown_table(rows: dict) -> str:
             cells.append(f"{row[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
         lines.append(f"| {row['method']} | {row['steps']} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def steps_table(rows: dict, keys=("fd", "top1")) -> str:
+    """Methods by step count, each cell ``FD / top-1`` (the paper's layout); intervals in table.md."""
+    steps = sorted({r["steps"] for r in rows.values()})
+    methods = list(dict.fromkeys(r["method"] for r in sorted(rows.values(), key=lambda r: r["method"])))
+    names = dict(COLUMNS)
+    out = (f"| method ({' / '.join(names[k] for k in keys)}) | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in steps)
+           + " |\n|---|" + "---:|" * len(steps) + "\n")
+    for m in methods:
+        cells = {r["steps"]: " / ".join(f"{r[k]:.1f}" for k in keys)
+                 for r in rows.values() if r["method"] == m}
+        out += f"| {m} | " + " | ".join(cells.get(n, "–") for n in steps) + " |\n"
+    return out
 
 
 def _columns(rows: dict) -> list[tuple[str, str]]:

@@ -29,8 +29,10 @@ def test_eval_writes_table_plot_grid_and_resumes(tmp_path, random_classifier):
         lo, hi = row["top5_ci"]
         assert 0 <= lo <= row["top5"] <= hi <= 100
         assert row["fd"] >= 0 and row["fd_teacher"] >= 0
-    for name in ("results.json", "table.md", "metrics.png", "grid-teacher-trailing.png"):
+    for name in ("results.json", "table.md", "table-by-steps.md", "metrics.png", "grid-teacher-trailing.png"):
         assert (tmp_path / name).exists()
+    by_steps = (tmp_path / "table-by-steps.md").read_text().splitlines()
+    assert by_steps[0].endswith("| 1 step | 2 steps |") and by_steps[2].startswith("| teacher-trailing | ")
     images = sorted((tmp_path / "images").rglob("*.png"))
     assert len(images) == 3 * 12  # the teacher reference and two step counts
     stamps = [p.stat().st_mtime_ns for p in images]

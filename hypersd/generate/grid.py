@@ -25,12 +25,16 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
 
 
 def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
-              cell: int = 128, label_width: int = 160, font_size: int = 13) -> Image.Image:
-    """Cells upscaled (nearest) to ``cell`` pixels, prompts on the left, settings on top."""
+              cell: int = 128, label_width: int = 160, font_size: int = 13,
+              corner: str = "") -> Image.Image:
+    """Cells upscaled (nearest) to ``cell`` pixels, prompts on the left, settings on top and
+    ``corner`` (e.g. the method) above the prompts."""
     font = _font(font_size)
     header = 2 * font_size + 8
     grid = Image.new("RGB", (label_width + cell * len(col_labels), header + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    for k, line in enumerate(_wrap(draw, corner, font, label_width - 6)[:2] if corner else []):
+        draw.text((2, 2 + k * (font_size + 2)), line, fill="black", font=font)
     for j, label in enumerate(col_labels):
         for k, line in enumerate(_wrap(draw, label, font, cell - 4)[:2]):
             draw.text((label_width + j * cell + 2, 2 + k * (font_size + 2)), line, fill="black", font=font)

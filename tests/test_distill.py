@@ -102,19 +102,16 @@ def test_a_lora_of_another_shape_cannot_start_a_stage(tmp_path):
                 examples=_examples(pipe), pipe=pipe)
 
 
-def test_gradient_checkpointing_gives_the_same_weights_and_bf16_trains(tmp_path):
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
     stages = [StageConfig(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3)]
     out = {}
-    for name, kw in (("plain", {}), ("ckpt", {"gradient_checkpointing": True}),
-                     ("bf16", {"mixed_precision": "bf16"})):
+    for name, kw in (("plain", {}), ("ckpt", {"gradient_checkpointing": True})):
         pipe = tiny_sd15()
         lora, = distill(_run(tmp_path / name, stages, **kw), examples=_examples(pipe), pipe=pipe)
         with safe_open(str(lora), "pt") as f:
             out[name] = {k: f.get_tensor(k) for k in f.keys()}
     for key, value in out["plain"].items():
         torch.testing.assert_close(out["ckpt"][key], value, atol=1e-6, rtol=1e-5)
-        assert torch.isfinite(out["bf16"][key]).all()
-    assert any(not torch.equal(out["bf16"][k], v) for k, v in out["plain"].items()), "bf16 changed nothing"
 
 
 def test_bundled_recipe_loads():

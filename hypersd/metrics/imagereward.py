@@ -22,18 +22,30 @@ from hypersd.metrics.real import AestheticHead, _load, clip_pixels
 REWARD_MEAN, REWARD_STD = 0.16717362830052426, 1.0333394966054072  # the published standardisation
 MAX_TOKENS = 35
 
-# ImageReward.pt's BLIP vision keys -> transformers' (the text encoder's names already agree)
-_VISION_RENAMES = [
-    (r"^cls_token$", "embeddings.class_embedding"),
-    (r"^pos_embed$", "embeddings.position_embedding"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
-    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
-    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
-    (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
-    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-    (r"^norm\.", "post_layernorm."),
+# ImageReward.pt's BLIP vision names -> transformers' ("#" is a block index); the text
+# encoder's names already agree. One table serves both directions.
+_VISION_NAMES = [
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.", "embeddings.patch_embedding."),
+    ("blocks.#.norm1.", "encoder.layers.#.layer_norm1."),
+    ("blocks.#.norm2.", "encoder.layers.#.layer_norm2."),
+    ("blocks.#.attn.qkv.", "encoder.layers.#.self_attn.qkv."),
+    ("blocks.#.attn.proj.", "encoder.layers.#.self_attn.projection."),
+    ("blocks.#.mlp.", "encoder.layers.#.mlp."),
+    ("norm.", "post_layernorm."),
 ]
+
+
+def _rename(name: str, reverse: bool = False) -> str | None:
+    """``name`` under the other side's names, or None when the table has no entry for it."""
+    for src, dst in _VISION_NAMES:
+        src, dst = (dst, src) if reverse else (src, dst)
+        pattern = "^" + r"(\d+)".join(map(re.escape, src.split("#"))) + ("" if src.endswith(".") else "$")
+        m = re.match(pattern, name)
+        if m:
+            return dst.replace("#", m.group(1) if m.groups() else "") + name[m.end():]
+    return None
 
 
 def convert_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -43,12 +55,8 @@ def convert_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         if key.startswith("mlp."):
             head[key[len("mlp."):]] = value
         elif key.startswith("blip.visual_encoder."):
-            name = key[len("blip.visual_encoder."):]
-            for pattern, repl in _VISION_RENAMES:
-                name, hits = re.subn(pattern, repl, name)
-                if hits:
-                    break
-            else:
+            name = _rename(key[len("blip.visual_encoder."):])
+            if name is None:
                 raise UserError(f"unexpected ImageReward vision key {key!r}")
             blip[f"vision_model.{name}"] = value
         elif key.startswith("blip.text_encoder."):
@@ -106,24 +114,10 @@ class ImageReward:
 def published_layout(model: nn.Module, head: AestheticHead) -> dict[str, torch.Tensor]:
     """The inverse of :func:`convert_checkpoint`: our modules' weights under the published
     names (for tests, and to write a checkpoint other ImageReward code reads)."""
-    inverse = [(r"^embeddings\.class_embedding$", "cls_token"),
-               (r"^embeddings\.position_embedding$", "pos_embed"),
-               (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
-               (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-               (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-               (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
-               (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
-               (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-               (r"^post_layernorm\.", "norm.")]
     out = {}
     for key, value in model.state_dict().items():
         if key.startswith("vision_model."):
-            name = key[len("vision_model."):]
-            for pattern, repl in inverse:
-                name, hits = re.subn(pattern, repl, name)
-                if hits:
-                    break
-            out[f"blip.visual_encoder.{name}"] = value
+            out[f"blip.visual_encoder.{_rename(key[len('vision_model.'):], reverse=True)}"] = value
         elif key.startswith("text_encoder."):
             out[f"blip.{key}"] = value
     out.update({f"mlp.{k}": v for k, v in head.state_dict().items()})

@@ -62,7 +62,13 @@ def _train_classifier(args) -> None:
 
 def _eval(args) -> None:
     from hypersd.evaluate import EvalConfig, run_eval
-    cfg = EvalConfig(model=args.model, loras=args.lora or [], recipe=args.recipe,
+    step_loras = {}
+    for item in args.step_lora or []:
+        n, sep, path = item.partition("=")
+        if not (sep and n.isdigit() and path):
+            raise UserError(f"--step-lora {item!r}: write N=PATH, e.g. 4=stage-k4.safetensors")
+        step_loras[int(n)] = path
+    cfg = EvalConfig(model=args.model, loras=args.lora or [], step_loras=step_loras, recipe=args.recipe,
                      steps=[int(s) for s in args.steps.split(",")], label=args.label,
                      split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out,
                      clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward,
@@ -177,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="quality against steps on the emoji32 evaluation split")
     v.add_argument("--model")
     v.add_argument("--lora", action="append", metavar="PATH[:SCALE]")
+    v.add_argument("--step-lora", action="append", metavar="N=PATH[:SCALE]",
+                   help="a LoRA used only at N steps (Hyper-SD's N-step LoRAs); repeat per N")
     v.add_argument("--recipe", default="teacher")
     v.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
     v.add_argument("--label", help="row name in the table (default: recipe + LoRA)")

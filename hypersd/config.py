@@ -53,6 +53,9 @@ def _check(value, tp, where: str):
             return float(value)
         except ValueError:
             pass
+    if tp is str and isinstance(value, bool):
+        raise UserError(f"{where}: expected a string, got {value!r} (YAML reads unquoted no/yes/"
+                        f"off/on as booleans: quote it, e.g. \"no\")")
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
             raise UserError(f"{where}: expected {tp.__name__}, got {value!r}")

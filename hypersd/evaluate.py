@@ -34,6 +34,7 @@ COLUMNS = [("fd", "FD→data ↓"), ("fd_teacher", "FD→teacher ↓"), ("top1",
 class EvalConfig:
     model: str | None = None                 # None = the bundled mini teacher
     loras: list[str] = field(default_factory=list)
+    step_loras: dict[int, str] = field(default_factory=dict)  # one LoRA per step count (N-step LoRAs)
     recipe: str = "teacher"
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     label: str | None = None                 # row name; default: the recipe (plus LoRA file)
@@ -121,7 +122,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     from hypersd.metrics.mini import MiniMetrics
 
     out = Path(cfg.out_dir)
-    label = cfg.label or "+".join([cfg.recipe] + [Path(parse_lora(l)[0]).stem for l in cfg.loras])
+    label = cfg.label or "+".join([cfg.recipe] + [Path(parse_lora(l)[0]).stem for l in cfg.loras]
+                                  + [Path(parse_lora(l)[0]).stem for l in cfg.step_loras.values()])
+    missing = sorted(set(cfg.step_loras) - set(cfg.steps))
+    if missing:
+        raise UserError(f"LoRAs are given for step counts {missing} that --steps does not list")
+    for lora in cfg.loras + list(cfg.step_loras.values()):
+        if not Path(parse_lora(lora)[0]).exists():
+            raise UserError(f"LoRA file {parse_lora(lora)[0]} does not exist")
     recipes = {n: resolve_recipe(cfg.recipe, steps=n) for n in cfg.steps}
     prompts = _prompts(cfg.split, cfg.samples)
     seeds = _seeds(cfg.seed, prompts)
@@ -141,13 +149,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     teacher = generate_set(pipe, reference_recipe, prompts, seeds,
                            out / "images" / f"reference-{tag}", cfg.batch, "teacher reference")
     reference = metrics.score(teacher, prompts).features
-    load_loras(pipe, [(p, recipes[cfg.steps[0]].lora_scale if s is None else s)
-                      for p, s in map(parse_lora, cfg.loras)])
     results_file = out / "results.json"
     rows = json.loads(results_file.read_text()) if results_file.exists() else {}
     grid_rows = []
     for n in tqdm(cfg.steps, desc=f"eval {label}"):
-        if recipes[n] == reference_recipe and not cfg.loras:  # the reference itself: reuse it
+        loras = cfg.loras + ([cfg.step_loras[n]] if n in cfg.step_loras else [])
+        pipe.unload_lora_weights()
+        load_loras(pipe, [(p, recipes[n].lora_scale if s is None else s) for p, s in map(parse_lora, loras)])
+        if recipes[n] == reference_recipe and not loras:  # the reference itself: reuse it
             images = teacher
         else:
             images = generate_set(pipe, recipes[n], prompts, seeds,

@@ -59,11 +59,12 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=16)
+        cross_attention_dim=32 + 48, norm_num_groups=16)
     scheduler = DDIMScheduler(**SD15_SCHEDULE)
     pipe = StableDiffusionXLPipeline(
         vae=_vae(), text_encoder=CLIPTextModel(_clip_config(32)),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(32, projection=32)),
+        # widths differ, as in SDXL (768 and 1280): single-file loading tells the two apart by them
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(48, projection=32)),
         tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), unet=unet, scheduler=scheduler,
         force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)

@@ -8,15 +8,18 @@ cd "$(dirname "$0")/.."
 HYPERSD=.venv/bin/hypersd
 OUT=${OUT:-benchmarks/eval}
 
-# recipe | inference recipe | step counts | table label
+# recipe | inference recipe | step counts | table label [| label of its N-step LoRAs]
+# The last stage's LoRA is evaluated at every step count. With a fifth field, the stages
+# k = 8, 4, 2 are also exported as N-step LoRAs and each is evaluated at its own N with DDIM
+# trailing, the way Hyper-SD ships its 8-, 4- and 2-step LoRAs.
 RUNS="hyper-sd-mini|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE + adversarial)
 lcm-mini|lcm|1,2,4,8|LCM
 tcd-mini|tcd|1,2,4,8|TCD
 pcm-mini|hyper-sd|1,2,4,8|PCM (k=4)
-hyper-sd-mini-mse|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only)
+hyper-sd-mini-mse|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only)|Hyper-SD TSCD N-step LoRAs (MSE only)
 hyper-sd-mini-cfg|tscd-cfg|2,4,8|Hyper-SD TSCD, CFG kept (k=8,4)"
 
-while IFS='|' read -r name recipe steps label; do
+while IFS='|' read -r name recipe steps label nstep; do
     if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
     echo "== $name"
     $HYPERSD distill "$name"
@@ -25,4 +28,13 @@ while IFS='|' read -r name recipe steps label; do
     $HYPERSD lora convert "$lora" "benchmarks/loras/$name.safetensors" --dtype fp16
     $HYPERSD eval --lora "benchmarks/loras/$name.safetensors" --recipe "$recipe" \
         --steps "$steps" --label "$label" --out "$OUT"
+    if [ -n "${nstep:-}" ]; then
+        args=()
+        for k in 8 4 2; do
+            stage=$(ls runs/distill/"$name"/*-k$k.safetensors | grep -v kohya | tail -1)
+            $HYPERSD lora convert "$stage" "benchmarks/loras/$name-k$k.safetensors" --dtype fp16
+            args+=(--step-lora "$k=benchmarks/loras/$name-k$k.safetensors")
+        done
+        $HYPERSD eval "${args[@]}" --recipe hyper-sd --steps 2,4,8 --label "$nstep" --out "$OUT"
+    fi
 done <<< "$RUNS"

@@ -32,7 +32,7 @@ def test_features_follow_the_encoder():
 def test_sdxl_features_use_pooled_embeddings_and_time_ids():
     unet = tiny_sdxl().unet
     x = torch.randn(2, 4, 8, 8)
-    cond = {"encoder_hidden_states": torch.randn(2, 16, 64),
+    cond = {"encoder_hidden_states": torch.randn(2, 16, unet.config.cross_attention_dim),
             "added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.zeros(2, 6)}}
     assert len(encoder_features(unet, x, torch.tensor([10, 900]), cond)) == 3
 

@@ -34,7 +34,7 @@ def test_builds_nested_and_coerces_ints_to_floats():
     ({"inner": {"rank": 1.5}}, "Outer.inner.rank: expected int"),
     ({"stages": [{"bogus": 1}]}, "Outer.stages[0]: unknown field(s) bogus"),
     ({"guidance": [1, 2, 3]}, "expected 2 values"),
-    ({"name": True}, "expected str"),
+    ({"name": True}, "quote it"),  # YAML 1.1 reads an unquoted no/yes as a boolean
 ])
 def test_refuses_bad_fields_with_their_path(data, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):

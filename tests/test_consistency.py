@@ -67,3 +67,25 @@ def test_target_is_the_teacher_step_when_t_end_is_t_prev():
     with torch.no_grad():
         pred = den(x, t, {"encoder_hidden_states": torch.randn(3, 3, 16)})
     torch.testing.assert_close(_psi(pred, den.alpha(t)), x, atol=1e-5, rtol=1e-5)
+
+
+def test_student_guidance_guides_prediction_and_target_at_the_teachers_omega():
+    """A CFG-preserving student: its prediction is Ψ of the student guided at the teacher's ω
+    (redrawn here from the same generator), not of its conditional branch alone."""
+    alphas = sd_alphas_cumprod()
+    student = Denoiser(_unet(0), alphas)
+    frozen = Denoiser(_unet(1).requires_grad_(False), alphas)
+    batch = _batch()
+    cfg = ConsistencyConfig(segments=4, guidance=(2.0, 4.0), student_guidance=True, distance="mse")
+    terms = ConsistencyLoss(cfg).terms(student, frozen, frozen, batch, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    t_n, _, end = ConsistencyLoss(cfg).sample_times(4, g)
+    torch.randn(batch.latents.shape, generator=g)  # the noise, drawn next
+    omega = 2.0 + 2.0 * torch.rand(4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        guided = student(terms.x_t, t_n, batch.cond, batch.uncond, omega)
+        plain = student(terms.x_t, t_n, batch.cond)
+    torch.testing.assert_close(terms.prediction.detach(), _psi(guided, student.alpha(end)))
+    assert (terms.prediction.detach() - _psi(plain, student.alpha(end))).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guidance range"):
+        ConsistencyLoss(ConsistencyConfig(guidance=None, student_guidance=True))

@@ -44,6 +44,16 @@ def test_each_method_trains_and_exports(tmp_path, family, method, k):
     assert "x" in stock.get_list_adapters()["unet"]
 
 
+def test_cfg_preserving_stage_trains_and_names_its_recipe(tmp_path):
+    pipe = tiny_sd15()
+    stage = StageConfig(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3, student_guidance=True)
+    lora, = distill(_run(tmp_path, [stage]), examples=_examples(pipe), pipe=pipe)
+    with safe_open(str(lora), "pt") as f:
+        assert '"recipe": "tscd-cfg"' in f.metadata()["hypersd"]
+    with pytest.raises(UserError, match="needs a guidance range"):
+        RunConfig(stages=[StageConfig(method="tscd", steps=1, guidance=None, student_guidance=True)])
+
+
 def test_resume_gives_the_same_weights(tmp_path):
     stages = [StageConfig(method="tscd", segments=4, steps=4, batch_size=2, lr=1e-3)]
     pipe = tiny_sd15()
@@ -182,3 +192,27 @@ def test_two_processes_train_and_agree(tmp_path, tiny_dirs):
     sums = json.loads((tmp_path / "run" / "replicas.json").read_text())["checksums"]
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-9)
     assert (tmp_path / "run" / "0-tscd-k2.safetensors").exists()
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path, tiny_dirs):
+    """bf16 autocast, in its own process (accelerate keeps one mixed-precision state per process)."""
+    import json
+    import subprocess
+    import sys
+    loras = {}
+    for precision in ("no", "bf16"):
+        recipe = tmp_path / f"{precision}.yaml"
+        recipe.write_text(f"model: {tiny_dirs['sd15']}\noutput_dir: {tmp_path / precision}\n"
+                          f"lora: {{rank: 4, alpha: 4}}\nsplit: eval\nmixed_precision: \"{precision}\"\n"
+                          "stages:\n  - {method: tscd, segments: 2, steps: 3, batch_size: 2, lr: 1.0e-3}\n")
+        result = subprocess.run([sys.executable, "-m", "hypersd.cli", "distill", str(recipe)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        with safe_open(str(tmp_path / precision / "0-tscd-k2.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()["hypersd"])["mixed_precision"] == precision
+            loras[precision] = {k: f.get_tensor(k) for k in f.keys() if "lora_B" in k}
+    fp32, bf16 = (torch.cat([v.flatten() for _, v in sorted(loras[p].items())]) for p in ("no", "bf16"))
+    assert torch.isfinite(bf16).all() and fp32.abs().max() > 0  # B starts at 0: these are the updates
+    cosine = torch.nn.functional.cosine_similarity(fp32, bf16, dim=0).item()
+    print(f"cosine(bf16 update, fp32 update) = {cosine:.3f}")
+    assert not torch.equal(fp32, bf16) and cosine > 0.5  # rounding shows, the direction is the same

@@ -67,3 +67,26 @@ def test_eval_adds_real_metric_columns_when_their_weights_are_given(tmp_path, ra
     assert "CLIP ↑" in (tmp_path / "out" / "table.md").read_text()
     with pytest.raises(UserError, match="Inception weights"):
         run_eval(EvalConfig(**{**cfg.__dict__, "clip": None, "inception": str(tmp_path / "x.pth")}))
+
+
+def test_step_loras_apply_only_at_their_step_count(tmp_path, random_classifier):
+    import numpy as np
+    from PIL import Image
+
+    from hypersd.errors import UserError
+    lora = "hypersd/assets/loras/hyper-sd-mini.safetensors"
+    base = dict(recipe="hyper-sd", steps=[1, 2], samples=6, batch=6, out_dir=str(tmp_path),
+                classifier=random_classifier, grid_prompts=2)
+    run_eval(EvalConfig(**base, label="plain"))
+    rows = run_eval(EvalConfig(**base, label="n-step", step_loras={1: lora}))
+    assert {"plain@1", "plain@2", "n-step@1", "n-step@2"} <= set(rows)
+
+    def pixels(label, n):
+        folder, = (tmp_path / "images").glob(f"{label}-{n}-*")
+        return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+    assert not np.array_equal(pixels("n-step", 1), pixels("plain", 1))  # the LoRA acts at 1 step
+    np.testing.assert_array_equal(pixels("n-step", 2), pixels("plain", 2))  # and only there
+    with pytest.raises(UserError, match="does not list"):
+        run_eval(EvalConfig(**base, step_loras={4: lora}))
+    with pytest.raises(UserError, match="does not exist"):
+        run_eval(EvalConfig(**base, step_loras={1: str(tmp_path / "missing.safetensors")}))

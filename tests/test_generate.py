@@ -150,13 +150,21 @@ def test_loading_picks_the_pipeline_class(tiny_dirs):
     assert type(load_pipeline(tiny_dirs["sd15"])) is StableDiffusionPipeline
 
 
-def test_single_file_checkpoint_matches_its_folder(tiny_dirs, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_single_file_checkpoint_matches_its_folder(kind, tiny_dirs, tmp_path, capsys):
     from hypersd.models.single_file import save_single_file
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd15"])
-    path = tmp_path / "tiny-sd15.safetensors"
+    pipe = load_pipeline(tiny_dirs[kind], device="cpu")
+    path = tmp_path / f"tiny-{kind}.safetensors"
     save_single_file(pipe, str(path))
-    folder = generate(["a cat"], model=tiny_dirs["sd15"], recipe="tcd", seed=4)
-    single = generate(["a cat"], model=str(path), config=tiny_dirs["sd15"], recipe="tcd", seed=4)
+    loaded = load_pipeline(str(path), device="cpu", config=tiny_dirs[kind])
+    assert type(loaded) is type(pipe)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # every weight comes back
+        if getattr(pipe, name, None) is not None:
+            ours, theirs = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+            assert ours.keys() == theirs.keys()
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    folder = generate(["a cat"], model=tiny_dirs[kind], recipe="tcd", seed=4)
+    single = generate(["a cat"], model=str(path), config=tiny_dirs[kind], recipe="tcd", seed=4)
     np.testing.assert_array_equal(_array(single.images), _array(folder.images))
     # offline without --config: a clear error, exit code 2
     rc, out = _cli(tmp_path, "a cat", "--model", str(path))

@@ -2,7 +2,7 @@
 
 A consistency step runs the teacher with CFG (batch 2n, no gradient), the EMA target
 (n, no gradient) and the student (n, forward and backward), then the optimizer and the EMA
-update. The floor is the sum of those three network passes, each timed alone on the same
+update; a CFG-keeping stage (``student_guidance``) runs target and student on 2n as well. The floor is the sum of those three network passes, each timed alone on the same
 shapes; the ratio step / floor is our overhead (adapter switching, solver math, sampling).
 """
 
@@ -60,12 +60,14 @@ def bench_train_cost(cfg: TrainCostConfig) -> dict:
         with torch.no_grad():
             teacher(x, t, batch.cond, batch.uncond, 3.0)
 
+    guided = (batch.uncond, 3.0) if stage.student_guidance else ()  # a CFG-keeping student's passes
+
     def target_pass():
         with torch.no_grad():
-            target(x, t, batch.cond)
+            target(x, t, batch.cond, *guided)
 
     def student_pass():
-        student(x, t, batch.cond).x0.float().pow(2).mean().backward()
+        student(x, t, batch.cond, *guided).x0.float().pow(2).mean().backward()
         opt.zero_grad(set_to_none=True)
 
     timed = {"step": _median_time(step, cfg.repeats), "teacher_cfg": _median_time(teacher_pass, cfg.repeats),

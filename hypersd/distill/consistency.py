@@ -8,6 +8,9 @@ One example at segment count k (Hyper-SD §3.1; SPEC §1a):
   3. the teacher's guided DDIM step: x̂_{t_{n-1}} = Ψ(x_{t_n}, f_tea(x_{t_n}, t_n, c; ω), t_{n-1});
   4. prediction = Ψ(x_{t_n}, f_stu(x_{t_n}, t_n), t_end),
      target     = Ψ(x̂_{t_{n-1}}, f_ema(x̂_{t_{n-1}}, t_{n-1}), t_end)   (no gradient);
+     with ``student_guidance`` f_stu and f_ema are guided at the teacher's ω as well, so the
+     student learns a guided trajectory while keeping its conditional/unconditional branches
+     (a CFG-preserving student: guidance and negative prompts keep working);
   5. per-sample distance d(prediction, target): MSE or pseudo-Huber.
 With ``boundary`` the student's x̂₀ gets LCM's c_skip/c_out parameterisation (LCM §4.2).
 """
@@ -28,7 +31,9 @@ class ConsistencyConfig:
     segments: int = 1                  # k: 8, 4, 2, 1 in Hyper-SD's stages
     t_end: str = "uniform"             # "zero" (LCM) | "edge" (PCM) | "uniform" (TSCD, CTM/TCD)
     solver_points: int = 40            # N, the teacher's DDIM grid; must hold every segment edge
-    guidance: tuple[float, float] | None = (2.0, 4.0)  # ω ~ U[lo, hi]; None: no CFG (keeps CFG in the student)
+    guidance: tuple[float, float] | None = (2.0, 4.0)  # ω ~ U[lo, hi] for the teacher; None: no CFG
+    student_guidance: bool = False     # the student and target are guided at the same ω too, so
+                                       # the student keeps CFG (negative prompts) at inference
     distance: str = "huber"            # "huber" (pseudo-Huber, LCM) or "mse"
     huber_c: float = 0.001
     boundary: bool = False             # LCM's c_skip/c_out on the student output
@@ -73,6 +78,8 @@ class ConsistencyLoss:
 
     def __init__(self, cfg: ConsistencyConfig):
         check_grid(cfg.solver_points, cfg.segments)
+        if cfg.student_guidance and cfg.guidance is None:
+            raise ValueError("student_guidance needs a guidance range ω to train the student at")
         self.cfg = cfg
         self.grid = torch.as_tensor(np.concatenate([[-1], solver_grid(cfg.solver_points)]))
 
@@ -84,8 +91,9 @@ class ConsistencyLoss:
         end = t_end(self.cfg.t_end, t_n.numpy(), t_prev.numpy(), self.cfg.segments, u=u)
         return t_n, t_prev, torch.as_tensor(np.asarray(end), dtype=torch.long)
 
-    def student_prediction(self, den: Denoiser, x_t, t, cond) -> Prediction:
-        pred = den(x_t, t, cond)
+    def student_prediction(self, den: Denoiser, x_t, t, cond, uncond=None, omega=None) -> Prediction:
+        """The student's (or target's) prediction: guided when ``student_guidance`` is set."""
+        pred = den(x_t, t, cond, uncond, omega) if self.cfg.student_guidance else den(x_t, t, cond)
         return _with_boundary(pred, x_t, t, den.alpha(t)) if self.cfg.boundary else pred
 
     def __call__(self, student: Denoiser, teacher: Denoiser, target: Denoiser, batch: Batch,
@@ -112,11 +120,12 @@ class ConsistencyLoss:
                 omega = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
                 tea = teacher(x_tn, t_n, batch.cond, batch.uncond, omega.to(dev))
             x_prev = _psi(tea, teacher.alpha(t_prev))
-            tgt = _psi(self.student_prediction(target, x_prev, t_prev.clamp(min=0), batch.cond),
-                       target.alpha(end))
+            tgt = _psi(self.student_prediction(target, x_prev, t_prev.clamp(min=0), batch.cond,
+                                               batch.uncond, omega.to(dev)), target.alpha(end))
             # from the clean image (t_{n-1} = -1) the only place to go is itself
             tgt = torch.where((t_prev < 0).reshape(-1, 1, 1, 1), x_prev, tgt)
-        pred = _psi(self.student_prediction(student, x_tn, t_n, batch.cond), student.alpha(end))
+        pred = _psi(self.student_prediction(student, x_tn, t_n, batch.cond, batch.uncond, omega.to(dev)),
+                    student.alpha(end))
         diff = (pred.float() - tgt.float()).flatten(1)
         if cfg.distance == "huber":
             per = (diff.pow(2).mean(1) + cfg.huber_c ** 2).sqrt() - cfg.huber_c

@@ -178,7 +178,7 @@ def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
         info = {"base_model": run.model, "method": stage.method, "segments": stage.segments,
                 "steps_served": "1-8", "recipe": recommended_recipe(stage),
                 "stage": stage.name, "train_steps": stage.steps,
-                "seconds": round(time.time() - began, 1)}
+                "mixed_precision": run.mixed_precision, "seconds": round(time.time() - began, 1)}
         previous = nets.student_state()
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:

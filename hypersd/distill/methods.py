@@ -13,7 +13,8 @@ def _consistency(rule: str, distance: str, boundary: bool = False, one_segment: 
     def build(stage, offset_noise: float = 0.0) -> ConsistencyLoss:
         return ConsistencyLoss(ConsistencyConfig(
             segments=1 if one_segment else stage.segments, t_end=rule, solver_points=stage.solver_points,
-            guidance=stage.guidance, distance=distance, boundary=boundary, offset_noise=offset_noise))
+            guidance=stage.guidance, student_guidance=stage.student_guidance, distance=distance,
+            boundary=boundary, offset_noise=offset_noise))
     return build
 
 
@@ -27,7 +28,7 @@ METHODS = {
 
 def recommended_recipe(stage) -> str:
     """The inference recipe (``hypersd/recipes/inference.yaml``) that serves a stage's student."""
-    if stage.guidance is None:  # CFG kept in the student: sample with guidance
+    if stage.student_guidance or stage.guidance is None:  # CFG kept in the student: sample with it
         return "tscd-cfg"
     if stage.method in ("lcm", "tcd"):
         return stage.method

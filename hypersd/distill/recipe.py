@@ -31,7 +31,8 @@ class StageConfig:
     segments: int = 1                    # k (TSCD/PCM)
     lr: float = 1e-4
     batch_size: int = 32
-    guidance: tuple[float, float] | None = (2.0, 4.0)  # teacher CFG range ω; None keeps CFG in the student
+    guidance: tuple[float, float] | None = (2.0, 4.0)  # teacher CFG range ω; None: teacher without CFG
+    student_guidance: bool = False       # guide the student at ω too: it keeps CFG and negative prompts
     solver_points: int = 40              # the teacher's DDIM grid
     mse_weight: float = 1.0              # weight of the consistency distance
     adv_weight: float = 0.0              # weight of the adversarial term (0: none)
@@ -69,6 +70,8 @@ class RunConfig:
                                 f"known: {', '.join(METHODS)}")
             if stage.steps < 1 or stage.batch_size < 1:
                 raise UserError(f"stage {i}: steps and batch_size must be positive")
+            if stage.student_guidance and stage.guidance is None:
+                raise UserError(f"stage {i}: student_guidance needs a guidance range, e.g. [2, 4]")
             if stage.start_from == "previous" and i == 0:
                 stage.start_from = "base"
             stage.name = stage.name or f"{i}-{stage.method}-k{stage.segments}"

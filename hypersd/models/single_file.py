@@ -1,10 +1,12 @@
-"""Write an SD1.5-shaped diffusers pipeline as one original-layout (LDM) checkpoint.
+"""Write an SD1.5- or SDXL-shaped diffusers pipeline as one original-layout checkpoint.
 
 The inverse of the key layout diffusers' ``from_single_file`` reads: UNet under
 ``model.diffusion_model.`` (input/middle/output blocks), VAE under ``first_stage_model.``
-(encoder.down / decoder.up, 1x1-conv attention), CLIP text encoder under
-``cond_stage_model.transformer.``. This is what A1111 and ComfyUI load as a checkpoint, and
-how the tests exercise hypersd's single-file loading without a download.
+(encoder.down / decoder.up, 1x1-conv attention), and the text encoders: SD1.5's CLIP under
+``cond_stage_model.transformer.``; SDXL's CLIP-L under ``conditioner.embedders.0.transformer.``
+and its OpenCLIP-bigG under ``conditioner.embedders.1.model.`` (OpenCLIP's own names, fused
+q/k/v projections, a transposed text projection). This is what A1111 and ComfyUI load as a
+checkpoint, and how the tests exercise hypersd's single-file loading without a download.
 """
 
 from __future__ import annotations
@@ -84,15 +86,51 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor
     return out
 
 
+def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """transformers CLIP text-encoder keys under ``prefix`` (LDM keeps the text_model. level)."""
+    return {f"{prefix}{k if k.startswith('text_model.') else 'text_model.' + k}": v
+            for k, v in state.items() if not k.endswith("position_ids")}
+
+
+_OPEN_CLIP = [("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."),
+              ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+
+
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModelWithProjection keys -> OpenCLIP's text tower under ``prefix``."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    out = {"token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "text_projection": state.pop("text_projection.weight").T.contiguous()}
+    for param in ("weight", "bias"):
+        out[f"ln_final.{param}"] = state.pop(f"final_layer_norm.{param}")
+    for key in [k for k in state if ".self_attn.q_proj." in k]:
+        layer, param = re.match(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(\w+)", key).groups()
+        qkv = [state.pop(key.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat(qkv)
+    for key, value in state.items():
+        m = re.match(r"encoder\.layers\.(\d+)\.(.*)", key)
+        if m is None:
+            raise ValueError(f"no OpenCLIP name for text-encoder key {key}")
+        rest = m[2]
+        for new, old in _OPEN_CLIP:
+            rest = rest.replace(new, old)
+        out[f"transformer.resblocks.{m[1]}.{rest}"] = value
+    return {prefix + k: v for k, v in out.items()}
+
+
 def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """UNet + VAE (+ CLIP text encoder, when the pipeline has one) of an SD1.5-shaped pipeline."""
+    """UNet + VAE + the CLIP text encoders (those the pipeline has) in the original layout."""
     out = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)
     out.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
     encoder = getattr(pipe, "text_encoder", None)
-    if encoder is not None and encoder.__class__.__name__.startswith("CLIPText"):
-        for key, value in encoder.state_dict().items():  # LDM keeps transformers' text_model. level
-            key = key if key.startswith("text_model.") else f"text_model.{key}"
-            out[f"cond_stage_model.transformer.{key}"] = value
+    encoder_2 = getattr(pipe, "text_encoder_2", None)
+    if encoder_2 is not None:  # SDXL
+        if encoder is not None:
+            out.update(clip_to_ldm(encoder.state_dict(), "conditioner.embedders.0.transformer."))
+        out.update(open_clip_to_ldm(encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    elif encoder is not None and encoder.__class__.__name__.startswith("CLIPText"):
+        out.update(clip_to_ldm(encoder.state_dict(), "cond_stage_model.transformer."))
     return out
 
 

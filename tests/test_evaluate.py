@@ -90,3 +90,9 @@ def test_step_loras_apply_only_at_their_step_count(tmp_path, random_classifier):
         run_eval(EvalConfig(**base, step_loras={4: lora}))
     with pytest.raises(UserError, match="does not exist"):
         run_eval(EvalConfig(**base, step_loras={1: str(tmp_path / "missing.safetensors")}))
+
+
+def test_cli_step_lora_needs_n_equals_path(tmp_path, capsys):
+    from hypersd.cli import main
+    assert main(["eval", "--step-lora", "four.safetensors", "--out", str(tmp_path / "o")]) == 2
+    assert "write N=PATH" in capsys.readouterr().err and not (tmp_path / "o").exists()

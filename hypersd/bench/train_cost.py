@@ -2,8 +2,9 @@
 
 A consistency step runs the teacher with CFG (batch 2n, no gradient), the EMA target
 (n, no gradient) and the student (n, forward and backward), then the optimizer and the EMA
-update; a CFG-keeping stage (``student_guidance``) runs target and student on 2n as well. The floor is the sum of those three network passes, each timed alone on the same
-shapes; the ratio step / floor is our overhead (adapter switching, solver math, sampling).
+update; a CFG-keeping stage (``student_guidance``) runs target and student on 2n as well.
+The floor is the sum of those three network passes, each timed alone on the same shapes;
+the ratio step / floor is our overhead (adapter switching, solver math, sampling).
 """
 
 from __future__ import annotations

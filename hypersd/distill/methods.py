@@ -28,7 +28,7 @@ METHODS = {
 
 def recommended_recipe(stage) -> str:
     """The inference recipe (``hypersd/recipes/inference.yaml``) that serves a stage's student."""
-    if stage.student_guidance or stage.guidance is None:  # CFG kept in the student: sample with it
+    if stage.student_guidance or stage.guidance is None:  # no guidance distilled in: sample with CFG
         return "tscd-cfg"
     if stage.method in ("lcm", "tcd"):
         return stage.method

@@ -17,7 +17,8 @@ lcm-mini|lcm|1,2,4,8|LCM
 tcd-mini|tcd|1,2,4,8|TCD
 pcm-mini|hyper-sd|1,2,4,8|PCM (k=4)
 hyper-sd-mini-mse|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only)|Hyper-SD TSCD N-step LoRAs (MSE only)
-hyper-sd-mini-cfg|tscd-cfg|2,4,8|Hyper-SD TSCD, CFG kept (k=8,4)"
+hyper-sd-mini-cfg|tscd-cfg|2,4,8|Hyper-SD TSCD, CFG kept (k=8,4)
+hyper-sd-mini-adv-small|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE + adversarial / 100)"
 
 while IFS='|' read -r name recipe steps label nstep; do
     if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi

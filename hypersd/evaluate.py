@@ -122,12 +122,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     from hypersd.metrics.mini import MiniMetrics
 
     out = Path(cfg.out_dir)
-    label = cfg.label or "+".join([cfg.recipe] + [Path(parse_lora(l)[0]).stem for l in cfg.loras]
-                                  + [Path(parse_lora(l)[0]).stem for l in cfg.step_loras.values()])
+    every_lora = cfg.loras + list(cfg.step_loras.values())
+    label = cfg.label or "+".join([cfg.recipe] + [Path(parse_lora(l)[0]).stem for l in every_lora])
     missing = sorted(set(cfg.step_loras) - set(cfg.steps))
     if missing:
         raise UserError(f"LoRAs are given for step counts {missing} that --steps does not list")
-    for lora in cfg.loras + list(cfg.step_loras.values()):
+    for lora in every_lora:
         if not Path(parse_lora(lora)[0]).exists():
             raise UserError(f"LoRA file {parse_lora(lora)[0]} does not exist")
     recipes = {n: resolve_recipe(cfg.recipe, steps=n) for n in cfg.steps}
@@ -151,11 +151,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     reference = metrics.score(teacher, prompts).features
     results_file = out / "results.json"
     rows = json.loads(results_file.read_text()) if results_file.exists() else {}
-    grid_rows = []
+    grid_rows, loaded = [], None
     for n in tqdm(cfg.steps, desc=f"eval {label}"):
         loras = cfg.loras + ([cfg.step_loras[n]] if n in cfg.step_loras else [])
-        pipe.unload_lora_weights()
-        load_loras(pipe, [(p, recipes[n].lora_scale if s is None else s) for p, s in map(parse_lora, loras)])
+        scaled = [(p, recipes[n].lora_scale if s is None else s) for p, s in map(parse_lora, loras)]
+        if scaled != loaded:  # (re)load only when this step count needs other LoRAs or scales
+            pipe.unload_lora_weights()
+            load_loras(pipe, scaled)
+            loaded = scaled
         if recipes[n] == reference_recipe and not loras:  # the reference itself: reuse it
             images = teacher
         else:

@@ -1,4 +1,5 @@
-"""The ``hypersd`` command line: parses arguments and calls the library, nothing more."""
+"""hypersd: distil a diffusion model into a 1-8 step student, run few-step students with
+the settings they were made for, and measure them."""
 
 from __future__ import annotations
 
@@ -85,9 +86,12 @@ def _bench(args) -> None:
         torch.set_num_threads(args.threads)
     if args.what == "train-cost":
         from hypersd.bench.train_cost import TrainCostConfig, bench_train_cost
-        result = bench_train_cost(TrainCostConfig(recipe=_recipe_path(args.recipe), repeats=args.repeats,
-                                                  out_dir=args.out, overrides=tuple(args.set or ())))
-        print(f"step / floor = {result['step_over_floor']:.3f}; wrote {args.out}/train_cost.md")
+        cfg = TrainCostConfig(repeats=args.repeats, out_dir=args.out, overrides=tuple(args.set or ()))
+        if args.recipe:
+            cfg.cases = tuple(args.recipe)
+        for row in bench_train_cost(cfg):
+            print(f"{row['case']:24s} {row['method']:5s} step / floor = {row['step_over_floor']:.3f}")
+        print(f"wrote {args.out}/train_cost.md")
         return
     from hypersd.bench.speed import SpeedConfig, bench_speed
     cfg = SpeedConfig(model=args.model, repeats=args.repeats, out_dir=args.out, threads=args.threads)
@@ -98,18 +102,11 @@ def _bench(args) -> None:
 def _distill(args) -> None:
     from hypersd.distill.loop import distill
     from hypersd.distill.recipe import load_run
-    run = load_run(_recipe_path(args.recipe), args.set or [])
+    run = load_run(args.recipe, args.set or [])
     paths = distill(run)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         for path in paths:
             print(f"wrote {path}")
-
-
-def _recipe_path(name: str) -> str:
-    """A YAML path, or the name of a bundled distillation recipe."""
-    from pathlib import Path
-    bundled = Path(__file__).resolve().parent / "recipes" / "distill" / f"{name}.yaml"
-    return str(bundled) if not Path(name).exists() and bundled.exists() else name
 
 
 def _lora(args) -> None:
@@ -205,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=7)
     sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--out", default="benchmarks")
-    sp.add_argument("--recipe", default="hyper-sd-mini", help="train-cost: the distillation recipe")
+    sp.add_argument("--recipe", action="append", metavar="NAME[:STAGE]",
+                    help="train-cost: a recipe and stage index to time (repeatable; default: one stage "
+                         "of each method)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="train-cost: override a recipe field")
     sp.set_defaults(func=_bench)
 

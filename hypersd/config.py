@@ -94,14 +94,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise UserError(f"override {item!r} must look like key=value")
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        last = parts[-1]
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+        try:
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            last = parts[-1]
+            value = yaml.safe_load(raw)
+            if isinstance(node, list):
+                node[int(last)] = value
+            else:
+                node[last] = value
+        except (IndexError, ValueError, AttributeError, TypeError):
+            raise UserError(f"override {item!r}: {key} names no field of this config "
+                            f"(list items by index, e.g. stages.0.lr=1e-4)") from None
     return data
 
 

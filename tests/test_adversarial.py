@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hypersd.distill.adversarial import AdversarialConfig, Discriminator, encoder_features
+from hypersd.distill.methods.adversarial import AdversarialConfig, Discriminator, encoder_features
 from hypersd.testing import tiny_sdxl
 
 

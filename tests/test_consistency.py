@@ -7,6 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from hypersd.distill.consistency import Batch, ConsistencyConfig, ConsistencyLoss, _psi
+from hypersd.distill.schedule import ddim_step
 from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.schedule import sd_alphas_cumprod
 
@@ -21,9 +22,9 @@ def _unet(seed=0):
 
 def _batch(n=4):
     g = torch.Generator().manual_seed(0)
-    return Batch(torch.randn(n, 4, 8, 8, generator=g),
-                 {"encoder_hidden_states": torch.randn(n, 3, 16, generator=g)},
-                 {"encoder_hidden_states": torch.zeros(n, 3, 16)})
+    latents = torch.randn(n, 4, 8, 8, generator=g)
+    return Batch([f"p{i}" for i in range(n)], {"encoder_hidden_states": torch.randn(n, 3, 16, generator=g)},
+                 {"encoder_hidden_states": torch.zeros(n, 3, 16)}, latents)
 
 
 @pytest.mark.parametrize("rule, k, boundary", [("zero", 1, True), ("edge", 4, False),
@@ -59,7 +60,25 @@ def test_sampled_times_follow_the_rules():
 
 
 def test_target_is_the_teacher_step_when_t_end_is_t_prev():
-    """Ψ(x, f(x, s), s) = x for an epsilon model: when t_end = t_{n-1} the target is x̂_{t_{n-1}}."""
+    """Ψ(x, f(x, s), s) = x: when t_end = t_{n-1} the loss's target is the teacher's DDIM step
+    x̂_{t_{n-1}}, and a student equal to the teacher has zero loss."""
+    alphas = sd_alphas_cumprod()
+    den = Denoiser(_unet(0).requires_grad_(False), alphas)
+    loss_fn = ConsistencyLoss(ConsistencyConfig(segments=1, t_end="uniform", guidance=None, distance="mse"))
+    d = loss_fn.draw(_batch(), torch.Generator().manual_seed(0))
+    d.t_end = d.t_prev.clamp(min=0)
+    d.t_prev = d.t_prev.clamp(min=0)  # keep every example off the clean-image shortcut
+    terms = loss_fn.terms(den, den, den, d)
+    a_n = den.alpha(d.t_n).reshape(-1, 1, 1, 1).float()
+    x_t = a_n.sqrt() * d.latents + (1 - a_n).sqrt() * d.noise
+    with torch.no_grad():
+        pred = den(x_t, d.t_n, d.cond)
+    teacher_step = ddim_step(pred.x0, pred.eps, den.alpha(d.t_prev).reshape(-1, 1, 1, 1).float())
+    torch.testing.assert_close(terms.target, teacher_step, atol=1e-4, rtol=1e-4)
+    assert terms.per_sample.max() < 1e-8
+
+
+def test_psi_to_its_own_timestep_is_the_identity():
     alphas = sd_alphas_cumprod()
     den = Denoiser(_unet(0), alphas)
     x = torch.randn(3, 4, 8, 8)
@@ -77,7 +96,8 @@ def test_student_guidance_guides_prediction_and_target_at_the_teachers_omega():
     frozen = Denoiser(_unet(1).requires_grad_(False), alphas)
     batch = _batch()
     cfg = ConsistencyConfig(segments=4, guidance=(2.0, 4.0), student_guidance=True, distance="mse")
-    terms = ConsistencyLoss(cfg).terms(student, frozen, frozen, batch, torch.Generator().manual_seed(3))
+    loss_fn = ConsistencyLoss(cfg)
+    terms = loss_fn.terms(student, frozen, frozen, loss_fn.draw(batch, torch.Generator().manual_seed(3)))
     g = torch.Generator().manual_seed(3)
     t_n, _, end = ConsistencyLoss(cfg).sample_times(4, g)
     torch.randn(batch.latents.shape, generator=g)  # the noise, drawn next

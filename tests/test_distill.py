@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from hypersd.distill.data import LatentCaptions
 from hypersd.distill.loop import distill
+from hypersd.distill.methods.consistency import TSCDConfig
 from hypersd.distill.recipe import LoraSettings, RunConfig, StageConfig, load_run
 from hypersd.errors import UserError
 from hypersd.testing import tiny_sd15, tiny_sdxl
@@ -34,7 +35,8 @@ def _run(tmp_path, stages, **kw):
 @pytest.mark.parametrize("method, k", [("lcm", 1), ("tcd", 1), ("pcm", 4), ("tscd", 8)])
 def test_each_method_trains_and_exports(tmp_path, family, method, k):
     pipe = BUILD[family]()
-    run = _run(tmp_path, [StageConfig(method=method, segments=k, steps=3, batch_size=2, lr=1e-3)])
+    segments = {"segments": k} if method in ("pcm", "tscd") else {}  # LCM and TCD have one segment
+    run = _run(tmp_path, [StageConfig.make(method=method, steps=3, batch_size=2, lr=1e-3, **segments)])
     lora, = distill(run, examples=_examples(pipe), pipe=pipe)
     with safe_open(str(lora), "pt") as f:
         keys = list(f.keys())
@@ -49,20 +51,20 @@ def test_each_method_trains_and_exports(tmp_path, family, method, k):
 
 def test_cfg_preserving_stage_trains_and_names_its_recipe(tmp_path):
     pipe = tiny_sd15()
-    stage = StageConfig(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3, student_guidance=True)
+    stage = StageConfig.make(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3, student_guidance=True)
     lora, = distill(_run(tmp_path, [stage]), examples=_examples(pipe), pipe=pipe)
     with safe_open(str(lora), "pt") as f:
         assert '"recipe": "tscd-cfg"' in f.metadata()["hypersd"]
     with pytest.raises(UserError, match="needs a guidance range"):
-        RunConfig(stages=[StageConfig(method="tscd", steps=1, guidance=None, student_guidance=True)])
+        RunConfig(stages=[StageConfig.make(method="tscd", steps=1, guidance=None, student_guidance=True)])
 
 
 def test_resume_gives_the_same_weights(tmp_path):
-    stages = [StageConfig(method="tscd", segments=4, steps=4, batch_size=2, lr=1e-3)]
+    stages = [StageConfig.make(method="tscd", segments=4, steps=4, batch_size=2, lr=1e-3)]
     pipe = tiny_sd15()
     full, = distill(_run(tmp_path / "a", stages), examples=_examples(pipe), pipe=pipe)
     pipe = tiny_sd15()
-    run = _run(tmp_path / "b", [StageConfig(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3)])
+    run = _run(tmp_path / "b", [StageConfig.make(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3)])
     distill(run, examples=_examples(pipe), pipe=pipe)
     (tmp_path / "b" / "run" / "0-tscd-k4.safetensors").unlink()  # as if interrupted after step 2
     pipe = tiny_sd15()
@@ -74,49 +76,49 @@ def test_resume_gives_the_same_weights(tmp_path):
 
 def test_stages_chain_and_recipe_errors(tmp_path):
     pipe = tiny_sd15()
-    stages = [StageConfig(method="tscd", segments=k, steps=2, batch_size=2, lr=1e-3) for k in (8, 4, 2, 1)]
+    stages = [StageConfig.make(method="tscd", segments=k, steps=2, batch_size=2, lr=1e-3) for k in (8, 4, 2, 1)]
     loras = distill(_run(tmp_path, stages), examples=_examples(pipe), pipe=pipe)
     assert [p.name for p in loras] == ["0-tscd-k8.safetensors", "1-tscd-k4.safetensors",
                                        "2-tscd-k2.safetensors", "3-tscd-k1.safetensors"]
     with pytest.raises(UserError, match="unknown method"):
-        RunConfig(stages=[StageConfig(method="sdxl-turbo", steps=1)])
+        RunConfig(stages=[StageConfig.make(method="sdxl-turbo", steps=1)])
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  - {method: tscd, steps: 10, segmnts: 4}\n")
     with pytest.raises(UserError, match="unknown field"):
         load_run(str(bad))
     pipe = tiny_sd15()
     with pytest.raises(UserError, match="no such LoRA"):
-        distill(_run(tmp_path / "c", [StageConfig(method="tcd", steps=1, start_from="/missing.safetensors")]),
+        distill(_run(tmp_path / "c", [StageConfig.make(method="tcd", steps=1, start_from="/missing.safetensors")]),
                 examples=_examples(pipe), pipe=pipe)
 
 
 def test_nan_loss_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_path):
     pipe = tiny_sd15()
     stage = dict(method="tscd", segments=2, batch_size=2, lr=1e-3)
-    distill(_run(tmp_path, [StageConfig(steps=2, **stage)]), examples=_examples(pipe), pipe=pipe)
+    distill(_run(tmp_path, [StageConfig.make(steps=2, **stage)]), examples=_examples(pipe), pipe=pipe)
     ckpt = tmp_path / "run" / "0-tscd-k2.ckpt"
     (tmp_path / "run" / "0-tscd-k2.safetensors").unlink()  # as if interrupted after step 2
     good = ckpt.read_bytes()
     bad = _examples(pipe)
     bad.mean = torch.full_like(bad.mean, float("nan"))
     with pytest.raises(UserError, match=r"loss is nan at step 2; the last good checkpoint is .*0-tscd-k2.ckpt"):
-        distill(_run(tmp_path, [StageConfig(steps=4, **stage)]), examples=bad, pipe=tiny_sd15())
+        distill(_run(tmp_path, [StageConfig.make(steps=4, **stage)]), examples=bad, pipe=tiny_sd15())
     assert ckpt.read_bytes() == good
 
 
 def test_a_lora_of_another_shape_cannot_start_a_stage(tmp_path):
     pipe = tiny_sdxl()
-    lora, = distill(_run(tmp_path / "xl", [StageConfig(method="tcd", steps=1, batch_size=2)]),
+    lora, = distill(_run(tmp_path / "xl", [StageConfig.make(method="tcd", steps=1, batch_size=2)]),
                     examples=_examples(pipe), pipe=pipe)
     pipe = tiny_sd15()
     with pytest.raises(UserError, match="cannot start from"):
-        distill(_run(tmp_path / "sd15", [StageConfig(method="tcd", steps=1, batch_size=2,
+        distill(_run(tmp_path / "sd15", [StageConfig.make(method="tcd", steps=1, batch_size=2,
                                                      start_from=str(lora))]),
                 examples=_examples(pipe), pipe=pipe)
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
-    stages = [StageConfig(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3)]
+    stages = [StageConfig.make(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3)]
     out = {}
     for name, kw in (("plain", {}), ("ckpt", {"gradient_checkpointing": True})):
         pipe = tiny_sd15()
@@ -127,15 +129,26 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
         torch.testing.assert_close(out["ckpt"][key], value, atol=1e-6, rtol=1e-5)
 
 
-def test_bundled_recipe_loads():
-    run = load_run("hypersd/recipes/distill/hyper-sd-mini.yaml", ["stages.0.steps=10"])
-    assert [s.segments for s in run.stages] == [8, 4, 2, 1] and run.stages[0].steps == 10
+def test_bundled_recipe_loads_by_name_with_typed_method_fields():
+    run = load_run("hyper-sd-mini", ["stages.0.steps=10", "stages.2.adversarial.lr=3e-4"])
+    assert [s.config.segments for s in run.stages] == [8, 4, 2, 1] and run.stages[0].steps == 10
     assert run.stages[1].start_from == "previous" and run.stages[0].start_from == "base"
+    assert isinstance(run.stages[0].config, TSCDConfig) and run.stages[0].config.adversarial is None
+    assert run.stages[2].config.adversarial.weight == 0.1 and run.stages[2].config.adversarial.lr == 3e-4
+    assert run.stages[2].config.distance_weight == 0.8
+    with pytest.raises(UserError, match=r"stage 0 \(lcm\): unknown field\(s\) segments"):
+        load_run("lcm-mini", ["stages.0.segments=4"])
+    with pytest.raises(UserError, match="adversarial loss must be hinge or nonsaturating"):
+        load_run("hyper-sd-mini", ["stages.1.adversarial.loss=wasserstein"])
+    with pytest.raises(UserError, match="names no field"):
+        load_run("lcm-mini", ["stages.3.lr=1"])
+    with pytest.raises(UserError, match="must be a multiple of gradient_accumulation"):
+        load_run("lcm-mini", ["gradient_accumulation=3"])
 
 
 def test_exported_lora_gives_stock_diffusers_the_same_images(tmp_path, tiny_dirs):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd15"])
-    run = _run(tmp_path, [StageConfig(method="tscd", segments=1, steps=3, batch_size=2, lr=1e-2)])
+    run = _run(tmp_path, [StageConfig.make(method="tscd", segments=1, steps=3, batch_size=2, lr=1e-2)])
     lora, = distill(run, examples=_examples(pipe), pipe=pipe)
     from hypersd.generate import generate
     from hypersd.generate.loading import SCHEDULERS
@@ -154,17 +167,17 @@ def test_exported_lora_gives_stock_diffusers_the_same_images(tmp_path, tiny_dirs
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_adversarial_stage_trains_and_resumes(tmp_path, family):
-    stage = dict(method="tscd", segments=2, batch_size=2, lr=1e-3, mse_weight=0.5, adv_weight=0.5,
-                 critic_lr=1e-3)
+    stage = dict(method="tscd", segments=2, batch_size=2, lr=1e-3, distance_weight=0.5,
+                 adversarial={"weight": 0.5, "lr": 1e-3})
     pipe = BUILD[family]()
-    full, = distill(_run(tmp_path / "a", [StageConfig(steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
+    full, = distill(_run(tmp_path / "a", [StageConfig.make(steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
     state = torch.load(tmp_path / "a" / "run" / "0-tscd-k2.ckpt", weights_only=True)
-    assert "critic" in state and state["step"] == 4
+    assert "critic" in state["method"] and state["step"] == 4
     pipe = BUILD[family]()
-    distill(_run(tmp_path / "b", [StageConfig(steps=2, **stage)]), examples=_examples(pipe), pipe=pipe)
+    distill(_run(tmp_path / "b", [StageConfig.make(steps=2, **stage)]), examples=_examples(pipe), pipe=pipe)
     (tmp_path / "b" / "run" / "0-tscd-k2.safetensors").unlink()
     pipe = BUILD[family]()
-    resumed, = distill(_run(tmp_path / "b", [StageConfig(steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
+    resumed, = distill(_run(tmp_path / "b", [StageConfig.make(steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
     with safe_open(str(full), "pt") as a, safe_open(str(resumed), "pt") as b:
         for key in a.keys():
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=1e-5)
@@ -218,3 +231,98 @@ def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path, tiny_dirs):
     cosine = torch.nn.functional.cosine_similarity(fp32, bf16, dim=0).item()
     print(f"cosine(bf16 update, fp32 update) = {cosine:.3f}")
     assert not torch.equal(fp32, bf16) and cosine > 0.5  # rounding shows, the direction is the same
+
+
+def _lora_tensors(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _optimizer_steps(tmp_path, n: int, stage: dict) -> list[tuple[str, list[torch.Tensor]]]:
+    """One loop step with accumulation over ``n`` micro-batches, from a LoRA with B ≠ 0 (so
+    every LoRA matrix has a gradient); the gradients each inner optimizer step saw, in order."""
+    from hypersd.distill.loop import StageTrainer, make_accelerator, setup
+    run = _run(tmp_path / str(n), [StageConfig.make(**stage)], gradient_accumulation=n)
+    pipe = tiny_sd15()
+    accelerator = make_accelerator(run)
+    _, examples, ctx = setup(run, accelerator, _examples(pipe), pipe)
+    trainer = StageTrainer(run, 0, ctx, examples, accelerator)
+    seen = []
+    for phase, opt in trainer.optimizers.items():
+        def record(*args, _phase=phase, _inner=opt.optimizer.step, **kwargs):
+            seen.append((_phase, [p.grad.clone() for p in trainer.params[_phase]]))
+            return _inner(*args, **kwargs)
+        opt.optimizer.step = record
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.params["student"]:
+            p.add_(1e-2 * torch.randn(p.shape, generator=g))
+    trainer.step(0)
+    accelerator.free_memory()
+    return seen
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_gradient_accumulation_gives_the_gradient_of_one_batch(tmp_path, adversarial):
+    """N micro-batches of b accumulate into the gradient of one batch of N·b on the same
+    examples, in every phase (the critic's too), with one optimizer step per N micro-batches."""
+    stage = dict(method="tscd", segments=4, steps=2, batch_size=4, lr=1e-3)
+    if adversarial:
+        stage["adversarial"] = {"weight": 0.5, "lr": 1e-3}
+    one = _optimizer_steps(tmp_path, 1, stage)
+    assert [phase for phase, _ in one] == (["student", "critic"] if adversarial else ["student"])
+    for n in (2, 4):
+        accumulated = _optimizer_steps(tmp_path, n, stage)
+        assert [phase for phase, _ in accumulated] == [phase for phase, _ in one]
+        for (_, grads), (_, reference) in zip(accumulated, one):
+            assert torch.cat([r.flatten() for r in reference]).norm() > 0
+            for g, r in zip(grads, reference):
+                # the same sums over other batch shapes: equal to float32 rounding (1e-4 seen)
+                assert (g - r).norm() <= 1e-3 * r.norm() + 1e-12
+
+
+FP16_SCRIPT = """
+import sys, torch
+from accelerate import Accelerator
+from hypersd.distill.data import LatentCaptions
+from hypersd.distill.loop import distill
+from hypersd.distill.recipe import LoraSettings, RunConfig, StageConfig
+from hypersd.testing import tiny_sd15
+out = sys.argv[1]
+for name, scaled in (("plain", False), ("scaled", True)):
+    pipe = tiny_sd15()
+    g = torch.Generator().manual_seed(0)
+    examples = LatentCaptions(pipe, torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, [f"e{i}" for i in range(8)])
+    run = RunConfig(stages=[StageConfig.make("tscd", steps=3, segments=4, batch_size=2, lr=1e-3)],
+                    output_dir=f"{out}/{name}", lora=LoraSettings(rank=4, alpha=4.0), max_grad_norm=1e-3,
+                    mixed_precision="fp16")
+    acc = Accelerator(cpu=True, mixed_precision="fp16")
+    if scaled:  # on a GPU accelerate scales fp16 losses with a GradScaler; on CPU install one,
+        # and keep the maths in fp32 (no autocast), so its power-of-two scaling is exact
+        acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), True
+        acc.autocast = lambda *a, **k: __import__("contextlib").nullcontext()
+        prepare = acc.prepare
+        def prepare_fp32(*objs):  # prepare wraps forward in autocast when native_amp is set
+            acc.native_amp = False
+            out = prepare(*objs)
+            acc.native_amp = True
+            return out
+        acc.prepare = prepare_fp32
+    distill(run, examples=examples, pipe=pipe, accelerator=acc)
+    print(name, "scale", acc.scaler.get_scale() if scaled else None)
+"""
+
+
+def test_fp16_loss_scaling_is_undone_before_clipping(tmp_path):
+    """With a GradScaler (fp16) the loop's update equals the unscaled one: gradients are
+    unscaled before they are clipped (max_grad_norm 1e-3 clips every step). Clipping scaled
+    gradients would shrink every update by the scale, 2^16."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", FP16_SCRIPT, str(tmp_path)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scaled scale 65536.0" in result.stdout  # the scaler was used and found no overflow
+    plain, scaled = (_lora_tensors(tmp_path / n / "0-tscd-k4.safetensors") for n in ("plain", "scaled"))
+    for key, value in plain.items():
+        torch.testing.assert_close(scaled[key], value, atol=1e-7, rtol=1e-6)

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler, UNet2DCondition
 
 from hypersd.distill.denoiser import Denoiser, to_x0_eps
 from hypersd.distill.schedule import (check_grid, ddim_step, lcm_boundary_scalings, sd_alphas_cumprod,
-                                      segment_start, solver_grid, t_end, tcd_timesteps)
+                                      multistep_path, segment_start, solver_grid, t_end, tcd_timesteps)
 from hypersd.models.mini import SD15_SCHEDULE
 
 
@@ -125,3 +125,35 @@ def test_denoiser_cfg_is_linear_in_guidance():
     torch.testing.assert_close(p1.eps, pc.eps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(p3.eps, pu.eps + 3 * (pc.eps - pu.eps), atol=1e-5, rtol=1e-5)
     assert den.alpha(torch.tensor([-1]))[0] == 1.0
+
+
+def test_multistep_path_hand_values():
+    assert multistep_path(999, -1, 4).tolist() == [999, 749, 499, 249, -1]
+    assert multistep_path(999, 749, 1).tolist() == [999, 749]
+    assert multistep_path(10, 0, 3).tolist() == [10, 7, 4, 0]  # floor((i·10)/3): 0, 3, 6, 10
+    paths = multistep_path(np.array([999, 500]), np.array([499, 100]), 2)
+    assert paths.shape == (3, 2) and paths[:, 0].tolist() == [999, 749, 499] and paths[:, 1].tolist() == [500, 300, 100]
+    with pytest.raises(ValueError, match="each step must move"):
+        multistep_path(5, 3, 4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_multistep_solve_matches_diffusers_ddim(n):
+    """The teacher's n-step jump 999 → clean equals diffusers' DDIM (trailing, ᾱ_final = 1)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16, norm_num_groups=16).eval()
+    sched = DDIMScheduler(**{**SD15_SCHEDULE, "timestep_spacing": "trailing", "set_alpha_to_one": True,
+                             "steps_offset": 0})
+    sched.set_timesteps(n)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 16)}
+    den = Denoiser(lambda z, t, **kw: unet(z.float(), t, **kw), sched.alphas_cumprod)
+    ours = den.solve(x.float(), multistep_path(999, -1, n), cond)
+    theirs = x.float()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            theirs = sched.step(unet(theirs, t, **cond).sample, t, theirs).prev_sample
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

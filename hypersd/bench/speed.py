@@ -33,7 +33,7 @@ class SpeedConfig:
     threads: int = 0
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -51,14 +51,14 @@ def _floor(pipe, prompts, recipe) -> float:
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     text = lambda: pipe.text_encoder(ids)[0]  # noqa: E731
-    t_text = _median_time(text, 5) * (2 if cfg else 1)
+    t_text = median_time(text, 5) * (2 if cfg else 1)
     emb = text().repeat(2 if cfg else 1, 1, 1)
     size = pipe.unet.config.sample_size
     z = torch.randn(emb.shape[0], pipe.unet.config.in_channels, size, size)
     t = torch.full((emb.shape[0],), 999)
-    t_unet = _median_time(lambda: pipe.unet(z, t, emb), 5)
+    t_unet = median_time(lambda: pipe.unet(z, t, emb), 5)
     lat = torch.randn(b, pipe.unet.config.in_channels, size, size)
-    t_vae = _median_time(lambda: pipe.vae.decode(lat), 5)
+    t_vae = median_time(lambda: pipe.vae.decode(lat), 5)
     return t_text + recipe.steps * t_unet + t_vae
 
 

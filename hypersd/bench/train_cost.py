@@ -1,89 +1,90 @@
-"""``hypersd bench train-cost``: one distillation step against its network passes timed alone.
+"""``hypersd bench train-cost``: the loop's own training step against its network passes.
 
-A consistency step runs the teacher with CFG (batch 2n, no gradient), the EMA target
-(n, no gradient) and the student (n, forward and backward), then the optimizer and the EMA
-update; a CFG-keeping stage (``student_guidance``) runs target and student on 2n as well.
-The floor is the sum of those three network passes, each timed alone on the same shapes;
-the ratio step / floor is our overhead (adapter switching, solver math, sampling).
+For each case (a recipe and one of its stages) the bench builds the stage exactly as
+``hypersd distill`` does (``StageTrainer``: the method, its optimizers, accelerate) and times
+``StageTrainer.step``, the step the loop runs: sampling, every phase's forward and backward,
+clipping, optimizer steps and the method's after-step work (the EMA update). The floor is the
+sum of the method's network passes (``Method.passes``), each timed alone on the same batch;
+step / floor is what the loop adds (adapter switching, solver math, sampling, optimizers).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hypersd.bench.speed import _median_time
-from hypersd.distill.data import emoji32_examples
-from hypersd.distill.denoiser import Denoiser
-from hypersd.distill.loop import _generator, _lora_config
-from hypersd.distill.methods import METHODS
-from hypersd.distill.networks import Networks
-from hypersd.distill.recipe import StageConfig, load_run
+from hypersd.bench.speed import median_time
+from hypersd.distill.loop import StageTrainer, make_accelerator, setup
+from hypersd.distill.recipe import load_run
+
+# one stage of each method as the mini recipes run it (adversarial: hyper-sd-mini's k = 4 stage)
+DEFAULT_CASES = ("hyper-sd-mini-mse:1", "hyper-sd-mini:1", "hyper-sd-mini-cfg:1", "lcm-mini:0",
+                 "tcd-mini:0", "pcm-mini:0")
 
 
 @dataclass
 class TrainCostConfig:
-    recipe: str = "hypersd/recipes/distill/hyper-sd-mini.yaml"
-    stage: int = 1
+    cases: tuple[str, ...] = DEFAULT_CASES  # "recipe:stage" (stage index; default 0)
     repeats: int = 10
-    batch_size: int = 0            # 0: the stage's own
     out_dir: str = "benchmarks"
-    overrides: tuple[str, ...] = ()  # recipe fields, e.g. ("lora.rank=64",)
+    overrides: tuple[str, ...] = ()  # recipe fields for every case, e.g. ("lora.rank=64",)
 
 
-def bench_train_cost(cfg: TrainCostConfig) -> dict:
-    from hypersd.generate.loading import load_pipeline
+def _case(spec: str) -> tuple[str, int]:
+    name, _, stage = spec.partition(":")
+    return name, int(stage or 0)
 
-    run = load_run(cfg.recipe, list(cfg.overrides))
-    stage: StageConfig = run.stages[cfg.stage]
-    n = cfg.batch_size or stage.batch_size
-    pipe = load_pipeline(run.model, dtype=torch.float32, device="cpu")
-    examples = emoji32_examples(pipe, run.split)
-    nets = Networks(pipe.unet, _lora_config(run))
-    alphas = pipe.scheduler.alphas_cumprod.double()
-    student, teacher, target = (Denoiser(v, alphas) for v in (nets.student, nets.teacher, nets.target))
-    loss_fn = METHODS[stage.method](stage)
-    opt = torch.optim.AdamW(nets.trainable(), lr=stage.lr)
-    batch = examples.sample(n, _generator(0, 0, 0))
-    x, t = batch.latents, torch.full((n,), 500)
 
-    def step():
-        per, _ = loss_fn(student, teacher, target, batch, _generator(0, 0, 1))
-        per.mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        nets.update_target(stage.ema_decay)
+def time_case(spec: str, overrides: tuple[str, ...], repeats: int, pipe=None, examples=None) -> dict:
+    """Time one stage's step and each of its passes; ``pipe``/``examples`` may be shared."""
+    name, index = _case(spec)
+    run = load_run(name, list(overrides))
+    stage = run.stages[index]
+    accelerator = make_accelerator(run)
+    pipe, examples, ctx = setup(run, accelerator, examples, pipe)
+    trainer = StageTrainer(run, index, ctx, examples, accelerator)
+    counter = iter(range(10 ** 9))
+    step_s = median_time(lambda: trainer.step(next(counter)), repeats)
+    passes = {k: median_time(fn, repeats) for k, fn in trainer.method.passes(trainer.sample(0)).items()}
+    accelerator.free_memory()
+    floor = sum(passes.values())
+    return {"case": spec, "method": stage.method, "stage": stage.name, "phases": trainer.method.phases(0),
+            "batch": stage.batch_size, "lora_rank": None if run.full_unet else run.lora.rank,
+            "step_ms": 1000 * step_s, "floor_ms": 1000 * floor,
+            "passes_ms": {k: 1000 * v for k, v in passes.items()}, "step_over_floor": step_s / floor}
 
-    def teacher_pass():
-        with torch.no_grad():
-            teacher(x, t, batch.cond, batch.uncond, 3.0)
 
-    guided = (batch.uncond, 3.0) if stage.student_guidance else ()  # a CFG-keeping student's passes
+def bench_train_cost(cfg: TrainCostConfig) -> list[dict]:
+    """Every case, one after the other, on one base pipeline and one set of examples."""
+    base_pipe, examples, rows = None, None, []
+    for spec in cfg.cases:
+        run = load_run(_case(spec)[0], list(cfg.overrides))
+        if base_pipe is None:
+            from hypersd.distill.data import emoji32_examples
+            from hypersd.generate.loading import load_pipeline
+            base_pipe = load_pipeline(run.model, dtype=torch.float32, device="cpu")
+            base_unet, examples = copy.deepcopy(base_pipe.unet), emoji32_examples(base_pipe, run.split)
+        base_pipe.unet = copy.deepcopy(base_unet)  # each case adds its own adapters
+        rows.append(time_case(spec, cfg.overrides, cfg.repeats, base_pipe, examples))
+    _write(rows, cfg)
+    return rows
 
-    def target_pass():
-        with torch.no_grad():
-            target(x, t, batch.cond, *guided)
 
-    def student_pass():
-        student(x, t, batch.cond, *guided).x0.float().pow(2).mean().backward()
-        opt.zero_grad(set_to_none=True)
-
-    timed = {"step": _median_time(step, cfg.repeats), "teacher_cfg": _median_time(teacher_pass, cfg.repeats),
-             "target": _median_time(target_pass, cfg.repeats), "student_fwd_bwd": _median_time(student_pass, cfg.repeats)}
-    floor = timed["teacher_cfg"] + timed["target"] + timed["student_fwd_bwd"]
-    result = {"recipe": cfg.recipe, "overrides": list(cfg.overrides), "stage": stage.name,
-              "lora_rank": run.lora.rank if not run.full_unet else None, "batch": n, "threads": torch.get_num_threads(),
-              **{f"{k}_ms": 1000 * v for k, v in timed.items()}, "floor_ms": 1000 * floor,
-              "step_over_floor": timed["step"] / floor}
+def _write(rows: list[dict], cfg: TrainCostConfig) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_cost.json").write_text(json.dumps(result, indent=1) + "\n")
-    rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in result.items() if k.endswith("_ms"))
-    (out / "train_cost.md").write_text(
-        f"Stage {stage.name} of {Path(cfg.recipe).stem} {' '.join(cfg.overrides)}, batch {n}, "
-        f"LoRA rank {result['lora_rank']}, {result['threads']} threads\n\n| pass | ms |\n|---|---:|\n{rows}\n\n"
-        f"step / floor = {result['step_over_floor']:.3f}\n")
-    return result
+    meta = {"threads": torch.get_num_threads(), "repeats": cfg.repeats, "overrides": list(cfg.overrides)}
+    (out / "train_cost.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"`hypersd bench train-cost` {' '.join(cfg.overrides)}: the loop's step against the sum of "
+             f"its network passes, median of {cfg.repeats}, {meta['threads']} threads\n",
+             "| case | method | phases | batch | step ms | floor ms | step / floor | passes (ms) |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        passes = ", ".join(f"{k} {v:.0f}" for k, v in r["passes_ms"].items())
+        lines.append(f"| {r['case']} | {r['method']} | {'+'.join(r['phases'])} | {r['batch']} | "
+                     f"{r['step_ms']:.1f} | {r['floor_ms']:.1f} | {r['step_over_floor']:.3f} | {passes} |")
+    (out / "train_cost.md").write_text("\n".join(lines) + "\n")

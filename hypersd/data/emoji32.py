@@ -147,7 +147,7 @@ def load_emoji32(path: str | Path = DEFAULT_DIR) -> Emoji32:
     """Load the processed dataset (the committed copy by default)."""
     path = Path(path)
     if not (path / "index.json").exists():
-        raise FileNotFoundError(f"no emoji32 dataset at {path}: run `hypersd data emoji32`")
+        raise FileNotFoundError(f"no emoji32 dataset at {path}: run `hypersd data`")
     index = json.loads((path / "index.json").read_text())
     atlas = np.asarray(Image.open(path / "images.png").convert("RGB"))
     s, cols = index["size"], index["columns"]

@@ -1,6 +1,6 @@
 """The consistency family as one loss: LCM, PCM, TCD/CTM and Hyper-SD's TSCD are settings of it.
 
-One example at segment count k (Hyper-SD §3.1; SPEC §1a):
+One example at segment count k (Hyper-SD §3.1):
   1. t_n from the solver grid, t_{n-1} the grid point below it (-1, the clean image, below
      the lowest);
   2. t_end by the rule: the clean image (LCM), the segment edge t_b (PCM), U[t_b, t_{n-1}]
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hypersd.distill.data import Batch
 from hypersd.distill.denoiser import Denoiser, Prediction
-from hypersd.distill.schedule import check_grid, lcm_boundary_scalings, solver_grid, t_end
+from hypersd.distill.schedule import check_grid, ddim_step, lcm_boundary_scalings, solver_grid, t_end
 
 
 @dataclass
@@ -40,16 +41,10 @@ class ConsistencyConfig:
     offset_noise: float = 0.0          # noise perturbation: ε + o·ε_c, ε_c per channel [offset noise]
 
 
-@dataclass
-class Batch:
-    latents: torch.Tensor              # x₀ (scaled VAE latents)
-    cond: dict                         # UNet keyword inputs of the captions
-    uncond: dict                       # the same for the empty prompt
-
-
 def _psi(pred: Prediction, alpha_end: torch.Tensor) -> torch.Tensor:
+    """Ψ to the timestep whose ᾱ is ``alpha_end`` (one per example)."""
     a = alpha_end.reshape(-1, *([1] * (pred.x0.ndim - 1))).to(pred.x0.dtype)
-    return a.sqrt() * pred.x0 + (1 - a).sqrt() * pred.eps
+    return ddim_step(pred.x0, pred.eps, a)
 
 
 def _with_boundary(pred: Prediction, x_t: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor) -> Prediction:
@@ -58,6 +53,21 @@ def _with_boundary(pred: Prediction, x_t: torch.Tensor, t: torch.Tensor, alpha: 
     x0 = c_skip * x_t + c_out * pred.x0
     a = alpha.reshape(-1, 1, 1, 1).to(x_t.dtype)
     return Prediction(x0, (x_t - a.sqrt() * x0) / (1 - a).sqrt())
+
+
+@dataclass
+class Draw:
+    """Every random draw of one batch, batch-first (so it can be split into micro-batches)."""
+
+    latents: torch.Tensor              # x₀
+    cond: dict
+    uncond: dict
+    t_n: torch.Tensor                  # the solver grid point the example starts from
+    t_prev: torch.Tensor               # t_{n-1}, where the teacher's step lands (-1: clean)
+    t_end: torch.Tensor                # where prediction and target land
+    noise: torch.Tensor                # ε (with the offset perturbation, if any)
+    omega: torch.Tensor                # the guidance ω of each example (1: no CFG)
+    candidates: tuple | None = None    # set by a method's student phase for later phases
 
 
 @dataclass
@@ -98,33 +108,43 @@ class ConsistencyLoss:
 
     def __call__(self, student: Denoiser, teacher: Denoiser, target: Denoiser, batch: Batch,
                  g: torch.Generator):
-        terms = self.terms(student, teacher, target, batch, g)
+        terms = self.terms(student, teacher, target, self.draw(batch, g))
         return terms.per_sample, terms.logs
 
-    def terms(self, student: Denoiser, teacher: Denoiser, target: Denoiser, batch: Batch,
-              g: torch.Generator) -> Terms:
+    def draw(self, batch: Batch, g: torch.Generator) -> Draw:
+        """Timesteps, noise and ω for every example of ``batch``, in a fixed order from ``g``."""
         cfg, x0 = self.cfg, batch.latents
+        if x0 is None:
+            raise ValueError("consistency distillation needs images: this data has prompts only")
         n, dev = len(x0), x0.device
         t_n, t_prev, end = (t.to(dev) for t in self.sample_times(n, g))
         noise = torch.randn(x0.shape, generator=g).to(x0)
         if cfg.offset_noise:
             noise = noise + cfg.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=g).to(x0)
+        if cfg.guidance is None:
+            omega = torch.ones(n, dtype=torch.float64)
+        else:
+            lo, hi = cfg.guidance
+            omega = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+        return Draw(x0, batch.cond, batch.uncond, t_n, t_prev, end, noise, omega.to(dev))
+
+    def terms(self, student: Denoiser, teacher: Denoiser, target: Denoiser, d: Draw) -> Terms:
+        """Prediction, target and their per-sample distance for the draws ``d``."""
+        cfg, x0 = self.cfg, d.latents
+        t_n, t_prev, end, omega = d.t_n, d.t_prev, d.t_end, d.omega
         a_n = student.alpha(t_n).reshape(-1, 1, 1, 1).to(x0.dtype)
-        x_tn = a_n.sqrt() * x0 + (1 - a_n).sqrt() * noise
+        x_tn = a_n.sqrt() * x0 + (1 - a_n).sqrt() * d.noise
         with torch.no_grad():
             if cfg.guidance is None:
-                tea = teacher(x_tn, t_n, batch.cond)
-                omega = torch.ones(n)
+                tea = teacher(x_tn, t_n, d.cond)
             else:
-                lo, hi = cfg.guidance
-                omega = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
-                tea = teacher(x_tn, t_n, batch.cond, batch.uncond, omega.to(dev))
+                tea = teacher(x_tn, t_n, d.cond, d.uncond, omega)
             x_prev = _psi(tea, teacher.alpha(t_prev))
-            tgt = _psi(self.student_prediction(target, x_prev, t_prev.clamp(min=0), batch.cond,
-                                               batch.uncond, omega.to(dev)), target.alpha(end))
+            tgt = _psi(self.student_prediction(target, x_prev, t_prev.clamp(min=0), d.cond,
+                                               d.uncond, omega), target.alpha(end))
             # from the clean image (t_{n-1} = -1) the only place to go is itself
             tgt = torch.where((t_prev < 0).reshape(-1, 1, 1, 1), x_prev, tgt)
-        pred = _psi(self.student_prediction(student, x_tn, t_n, batch.cond, batch.uncond, omega.to(dev)),
+        pred = _psi(self.student_prediction(student, x_tn, t_n, d.cond, d.uncond, omega),
                     student.alpha(end))
         diff = (pred.float() - tgt.float()).flatten(1)
         if cfg.distance == "huber":

@@ -1,16 +1,26 @@
-"""Training examples for distillation: cached VAE latents and text conditioning.
+"""Training examples for distillation: prompts, their conditioning and, when there are images,
+cached VAE latents.
 
 Latent posteriors (mean, std) and the conditioning of every caption are computed once; a
 batch draws indices with the run's generator, samples z ~ N(mean, std²) and scales it.
 SD1.5-shaped pipelines condition on ``encoder_hidden_states``; SDXL-shaped ones also on the
-pooled text embedding and the size/crop time ids.
+pooled text embedding and the size/crop time ids. ``Prompts`` serves methods that train from
+prompts alone: its batches have no latents.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from hypersd.distill.consistency import Batch
+
+@dataclass
+class Batch:
+    prompts: list[str]                 # the captions, as text
+    cond: dict                         # UNet keyword inputs of the captions
+    uncond: dict                       # the same for the empty prompt
+    latents: torch.Tensor | None = None  # x₀ (scaled VAE latents); None for prompt-only data
 
 
 def _sdxl_time_ids(pipe, n: int) -> torch.Tensor:
@@ -41,11 +51,33 @@ def encode_text(pipe, prompts: list[str], batch: int = 256) -> dict:
 
 
 def _index(cond: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of every tensor of a (nested) conditioning dict."""
     return {k: _index(v, idx) if isinstance(v, dict) else v[idx] for k, v in cond.items()}
 
 
 def _expand(cond: dict, n: int) -> dict:
     return {k: _expand(v, n) if isinstance(v, dict) else v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+class Prompts:
+    """Prompts alone (no images): batches carry conditioning and no latents."""
+
+    @torch.no_grad()
+    def __init__(self, pipe, prompts: list[str]):
+        if not prompts:
+            raise ValueError("no prompts to train on")
+        self.prompts = list(prompts)
+        self.cond = encode_text(pipe, self.prompts)
+        self.uncond = encode_text(pipe, [""])
+
+    has_images = False
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, n: int, g: torch.Generator) -> Batch:
+        idx = torch.randint(len(self), (n,), generator=g)
+        return Batch([self.prompts[i] for i in idx], _index(self.cond, idx), _expand(self.uncond, n))
 
 
 class LatentCaptions:
@@ -59,8 +91,11 @@ class LatentCaptions:
         self.mean = torch.cat([d.mean for d in dists]).float()
         self.std = torch.cat([d.std for d in dists]).float()
         self.scale = scale
+        self.captions = list(captions)
         self.cond = encode_text(pipe, captions)
         self.uncond = encode_text(pipe, [""])
+
+    has_images = True
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -68,15 +103,17 @@ class LatentCaptions:
     def sample(self, n: int, g: torch.Generator) -> Batch:
         idx = torch.randint(len(self), (n,), generator=g)
         z = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)
-        return Batch(z * self.scale, _index(self.cond, idx), _expand(self.uncond, n))
+        return Batch([self.captions[i] for i in idx], _index(self.cond, idx), _expand(self.uncond, n),
+                     z * self.scale)
 
 
 def emoji32_examples(pipe, split: str = "distill") -> LatentCaptions:
     """The emoji32 images and captions of a split, encoded with the pipeline's VAE/text encoder."""
     from hypersd.data import load_emoji32
+    from hypersd.imaging import to_signed_unit
     data = load_emoji32()
     idx = data.indices(split)
-    images = torch.from_numpy(data.images[idx]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    images = to_signed_unit(data.images[idx])
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)

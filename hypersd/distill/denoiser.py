@@ -68,6 +68,20 @@ class Denoiser:
         return to_x0_eps(u + w * (c - u), x_t, self.alpha(t), self.prediction_type)
 
 
+    @torch.no_grad()
+    def solve(self, x_t: torch.Tensor, path, cond: dict, uncond: dict | None = None,
+              guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+        """DDIM along ``path`` (``schedule.multistep_path``: (n + 1, batch) timesteps, -1 = clean):
+        x_{τ_{i+1}} = Ψ(x_{τ_i}, f(x_{τ_i}, τ_i), τ_{i+1}), the teacher's multi-step jump."""
+        from hypersd.distill.schedule import ddim_step
+        path = torch.as_tensor(path, device=x_t.device).reshape(len(path), -1).expand(-1, len(x_t))
+        x = x_t
+        for t, s in zip(path[:-1], path[1:]):
+            pred = self(x, t, cond, uncond, guidance)
+            x = ddim_step(pred.x0, pred.eps, _bcast(self.alpha(s), x))
+        return x
+
+
 def _cat_cond(a: dict, b: dict) -> dict:
     out = {}
     for key in a:

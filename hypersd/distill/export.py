@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from hypersd.io import atomic_path
 from hypersd.lora import to_kohya
 
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers looks for the peft config
@@ -30,17 +30,16 @@ def save_lora(state: dict[str, torch.Tensor], lora_config, path: str | Path, inf
     header = {"format": "pt", METADATA_KEY: json.dumps(peft_meta, sort_keys=True),
               "hypersd": json.dumps(info, sort_keys=True)}
     written = [path]
-    _atomic_save(tensors, path, header)
+    _save(tensors, path, header)
     if kohya:
         kpath = path.with_suffix(".kohya.safetensors")
-        _atomic_save(to_kohya(tensors, lora_config.lora_alpha, sdxl=sdxl), kpath,
+        _save(to_kohya(tensors, lora_config.lora_alpha, sdxl=sdxl), kpath,
                      {"format": "pt", "hypersd": header["hypersd"],
                       "ss_network_dim": str(lora_config.r), "ss_network_alpha": str(lora_config.lora_alpha)})
         written.append(kpath)
     return written
 
 
-def _atomic_save(tensors, path: Path, metadata: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+def _save(tensors, path: Path, metadata: dict) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)

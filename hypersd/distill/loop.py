@@ -1,201 +1,287 @@
 """The one training loop: every method and every stage of a run goes through ``distill``.
 
-Per stage: the student starts from the previous stage (or a fresh LoRA, or a file), the EMA
-target from the student; each step draws a batch with a generator seeded by (seed, stage,
-step), so a resumed run replays the same examples. Checkpoints (student, target, optimizer,
-step) are written atomically every ``checkpoint_every`` steps; a finished stage exports its
-LoRA. A non-finite loss stops the run and keeps the last good checkpoint.
+The loop owns optimisation (one AdamW per phase of the method), precision, gradient
+accumulation, data, checkpoints, logging and export; the method (``protocol.Method``) owns
+its networks' roles, phases and losses. Everything distributed goes through accelerate: the
+trainable modules and the optimizers are ``accelerator.prepare``d (DDP, FSDP or DeepSpeed
+by ``accelerate launch --config_file``), micro-batches run under ``accelerator.accumulate``
+and gradients are clipped with ``accelerator.clip_grad_norm_`` (which unscales fp16 first).
+
+Per stage: the student starts from the previous stage (or a fresh LoRA, or a file); each step
+draws a batch with a generator seeded by (seed, stage, step, process), so a resumed run
+replays the same examples. Checkpoints (student, the method's state, optimizers, step) are
+written atomically every ``checkpoint_every`` steps; a finished stage exports its LoRA. A
+non-finite loss stops the run and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from hypersd.distill.adversarial import AdversarialConfig, Discriminator
 from hypersd.distill.data import emoji32_examples
-from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.export import save_lora
-from hypersd.distill.methods import METHODS, recommended_recipe
 from hypersd.distill.networks import Networks
-from hypersd.distill.recipe import RunConfig
+from hypersd.distill.protocol import StageContext, methods
+from hypersd.distill.recipe import RunConfig, StageConfig
 from hypersd.errors import UserError
+from hypersd.io import atomic_path
 
 
 def _generator(seed: int, stage: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + stage) * 10_000_019 + step) * 101 + rank)
 
 
-def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
-    """Data parallelism: each process's gradients averaged over processes in one all-reduce."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= accelerator.num_processes
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
 def replica_checksum(nets: Networks) -> float:
     """A number that differs between processes whose students have drifted apart."""
-    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(nets.trainable())))
+    return float(sum(v.double().sum() * (i + 1) for i, v in enumerate(nets.state("student").values())))
 
 
-def _lora_config(run: RunConfig) -> LoraConfig | None:
+def lora_config(run: RunConfig) -> LoraConfig | None:
     if run.full_unet:
         return None
     return LoraConfig(r=run.lora.rank, lora_alpha=run.lora.alpha, target_modules=list(run.lora.targets),
                       init_lora_weights=True)
 
 
-def _save_checkpoint(path: Path, nets: Networks, opt, step: int, critic=None) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    state = {"student": nets.student_state(), "target": nets.target_state(),
-             "optimizer": opt.state_dict(), "step": step}
-    if critic is not None:
-        state["critic"] = critic[0].heads.state_dict()
-        state["critic_optimizer"] = critic[1].state_dict()
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def make_accelerator(run: RunConfig) -> Accelerator:
+    """One accelerator per run; ``accelerate launch`` (or torchrun) decides the processes."""
+    return Accelerator(cpu=not torch.cuda.is_available(),  # cpu: gloo across CPU processes
+                       mixed_precision=run.mixed_precision, log_with="tensorboard",
+                       project_dir=run.output_dir, gradient_accumulation_steps=run.gradient_accumulation)
 
 
-def _critic(stage, nets: Networks, examples):
-    """A fresh discriminator (re-initialised every stage, as Lightning does) and its optimizer."""
-    if stage.adv_weight <= 0:
-        return None
-    probe = examples.sample(2, torch.Generator().manual_seed(0))
-    disc = Discriminator(nets.teacher_features, (probe.latents, torch.tensor([999, 0]), probe.cond),
-                         AdversarialConfig(loss=stage.adv_loss, conditional=stage.adv_conditional))
-    return disc, torch.optim.AdamW(disc.heads.parameters(), lr=stage.critic_lr, betas=(0.0, 0.99))
+def setup(run: RunConfig, accelerator: Accelerator, examples=None, pipe=None):
+    """The base pipeline, the training examples and the networks' context of a run."""
+    from hypersd.generate.loading import load_pipeline
+
+    pipe = pipe or load_pipeline(run.model, dtype=torch.float32, device=str(accelerator.device))
+    examples = examples or emoji32_examples(pipe, run.split)
+    if run.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    set_seed(run.seed)  # the LoRA's random A matrices: the same on every process
+    nets = Networks(pipe.unet, lora_config(run))
+    ctx = StageContext(nets, pipe.scheduler.alphas_cumprod.double(), pipe.scheduler.config.prediction_type,
+                       run.offset_noise, probe=examples.sample(2, torch.Generator().manual_seed(0)))
+    return pipe, examples, ctx
 
 
-def distill(run: RunConfig, examples=None, pipe=None) -> list[Path]:
+def distill(run: RunConfig, examples=None, pipe=None, accelerator: Accelerator | None = None) -> list[Path]:
     """Run every stage of ``run`` (resuming finished and interrupted stages); return the LoRAs.
 
     ``pipe`` defaults to ``run.model`` loaded by hypersd; ``examples`` to its emoji32 split.
     """
-    from hypersd.generate.loading import load_pipeline
-
     if run.threads:
         torch.set_num_threads(run.threads)
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # cpu: gloo across CPU processes
-                              mixed_precision=run.mixed_precision, log_with="tensorboard",
-                              project_dir=str(out), gradient_accumulation_steps=run.gradient_accumulation)
-    pipe = pipe or load_pipeline(run.model, dtype=torch.float32, device=str(accelerator.device))
-    examples = examples or emoji32_examples(pipe, run.split)
-    alphas = pipe.scheduler.alphas_cumprod.double()
-    prediction_type = pipe.scheduler.config.prediction_type
-    lora = _lora_config(run)
-    if run.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    set_seed(run.seed)  # the LoRA's random A matrices: the same on every process
-    nets = Networks(pipe.unet, lora)
+    Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator = accelerator or make_accelerator(run)
+    pipe, examples, ctx = setup(run, accelerator, examples, pipe)
     accelerator.init_trackers("distill")
     exported, previous = [], None
-    for index, stage in enumerate(run.stages):
-        final = out / f"{stage.name}.safetensors"
-        ckpt = out / f"{stage.name}.ckpt"
-        loss_fn = METHODS[stage.method](stage, run.offset_noise)
-        opt = torch.optim.AdamW(nets.trainable(), lr=stage.lr, weight_decay=0.0)
-        critic = _critic(stage, nets, examples)
-        start = 0
-        if final.exists() and ckpt.exists():  # a finished stage: restore its weights, move on
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            nets.load_states(state["student"], state["target"])
-            exported.append(final)
-            previous = state["student"]
-            continue
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            nets.load_states(state["student"], state["target"])
-            opt.load_state_dict(state["optimizer"])
-            if critic is not None:
-                critic[0].heads.load_state_dict(state["critic"])
-                critic[1].load_state_dict(state["critic_optimizer"])
-            start = state["step"]
-            accelerator.print(f"resuming stage {stage.name} at step {start}")
-        else:
-            _init_student(nets, stage.start_from, previous)
-        student = Denoiser(nets.student, alphas, prediction_type)
-        teacher = Denoiser(nets.teacher, alphas, prediction_type)
-        target = Denoiser(nets.target, alphas, prediction_type)
-        bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=stage.name,
-                   disable=not accelerator.is_local_main_process)
-        began, avg = time.time(), None
-        for step in bar:
-            g = _generator(run.seed, index, step, accelerator.process_index)
-            batch = examples.sample(stage.batch_size, g)
-            with accelerator.autocast():
-                terms = loss_fn.terms(student, teacher, target, batch, g)
-                loss = stage.mse_weight * terms.per_sample.mean()
-                logs = dict(terms.logs, consistency=terms.per_sample.mean().item())
-                if critic is not None:  # generator phase: the student's candidate should look real
-                    adv = critic[0].generator_loss(terms.prediction, terms.t_end, terms.x_t, terms.t,
-                                                   batch.cond).mean()
-                    loss = loss + stage.adv_weight * adv
-                    logs["adversarial"] = adv.item()
-            if not math.isfinite(loss.item()):
-                raise UserError(f"stage {stage.name}: loss is {loss.item()} at step {step}; the last "
-                                f"good checkpoint is {ckpt if ckpt.exists() else 'none'} (lower lr?)")
-            accelerator.backward(loss)
-            _average_gradients(nets.trainable(), accelerator)
-            torch.nn.utils.clip_grad_norm_(nets.trainable(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            nets.update_target(stage.ema_decay)
-            if critic is not None:  # critic phase: only the heads learn, from detached candidates
-                disc, critic_opt = critic
-                critic_opt.zero_grad(set_to_none=True)
-                with accelerator.autocast():
-                    c_loss = disc.critic_loss(terms.target, terms.prediction, terms.t_end, terms.x_t,
-                                              terms.t, batch.cond).mean()
-                c_loss.backward()
-                _average_gradients(list(disc.heads.parameters()), accelerator)
-                critic_opt.step()
-                logs["critic"] = c_loss.item()
-            avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
-            bar.set_postfix(loss=f"{avg:.4g}")
-            if (step + 1) % run.log_every == 0:
-                accelerator.log({f"{stage.name}/loss": loss.item(),
-                                 **{f"{stage.name}/{k}": v for k, v in logs.items()}}, step=step + 1)
-            if ((step + 1) % run.checkpoint_every == 0 or step + 1 == stage.steps) and accelerator.is_main_process:
-                _save_checkpoint(ckpt, nets, opt, step + 1, critic)
-        info = {"base_model": run.model, "method": stage.method, "segments": stage.segments,
-                "steps_served": "1-8", "recipe": recommended_recipe(stage),
-                "stage": stage.name, "train_steps": stage.steps,
-                "mixed_precision": run.mixed_precision, "seconds": round(time.time() - began, 1)}
-        previous = nets.student_state()
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            exported.append(final)
-            continue
-        if lora is not None:
-            exported.append(save_lora(previous, lora, final, info, sdxl=hasattr(pipe, "text_encoder_2"))[0])
-        else:
-            pipe.unet.save_pretrained(out / stage.name)
-            final.touch()
-            exported.append(out / stage.name)
-    if accelerator.num_processes > 1:  # every process reports its replica, so drift is visible
-        sums = accelerator.gather(torch.tensor([replica_checksum(nets)], dtype=torch.float64))
-        if accelerator.is_main_process:
-            (out / "replicas.json").write_text(json.dumps({"checksums": sums.tolist()}) + "\n")
+    for index in range(len(run.stages)):
+        path, previous = _run_stage(run, index, ctx, examples, accelerator, previous,
+                                    sdxl=hasattr(pipe, "text_encoder_2"), unet=pipe.unet)
+        exported.append(path)
+    _report_replicas(run, ctx.nets, accelerator)
     accelerator.end_training()
     return exported
+
+
+class StageTrainer:
+    """One stage: its method, an optimizer per phase, both prepared by accelerate."""
+
+    def __init__(self, run: RunConfig, index: int, ctx: StageContext, examples, accelerator: Accelerator):
+        self.run, self.index, self.stage = run, index, run.stages[index]
+        self.examples, self.accelerator = examples, accelerator
+        self.method = methods()[self.stage.method].method(self.stage.config, ctx)
+        if self.method.needs_images and not examples.has_images:
+            raise UserError(f"stage {self.stage.name}: method {self.stage.method} needs images; "
+                            f"the data has prompts only")
+        params, settings = self.method.params(), self.method.optimizer_settings(self.stage.lr)
+        self.params = params
+        self.optimizers = {ph: torch.optim.AdamW(params[ph], **{"weight_decay": 0.0, **settings[ph]})
+                           for ph in params}
+        self.modules = self._prepare(self.method.modules())
+
+    def _prepare(self, modules: dict) -> dict:
+        phases = list(self.optimizers)
+        objs = [modules[ph] for ph in phases] + [self.optimizers[ph] for ph in phases]
+        prepared = self.accelerator.prepare(*objs)
+        prepared = prepared if isinstance(prepared, (list, tuple)) else (prepared,)
+        self.optimizers = dict(zip(phases, prepared[len(phases):]))
+        for phase, module in zip(phases, prepared[:len(phases)]):
+            self.method.wrapped(phase, module)
+        return dict(zip(phases, prepared[:len(phases)]))
+
+    def sample(self, step: int):
+        """The step's examples and every random draw the method makes, from one generator."""
+        g = _generator(self.run.seed, self.index, step, self.accelerator.process_index)
+        return self.method.sample(self.examples.sample(self.stage.batch_size, g), g)
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimizer step of every phase the method runs at ``step``; returns the logs."""
+        micro = split_batch(self.sample(step), self.run.gradient_accumulation)
+        logs: dict[str, float] = {}
+        for phase in self.method.phases(step):
+            logs.update(self._phase(phase, micro, step))
+            self.method.after_step(phase)
+        return logs
+
+    def _phase(self, phase: str, micro: list, step: int) -> dict[str, float]:
+        acc, module, opt = self.accelerator, self.modules[phase], self.optimizers[phase]
+        sums: dict[str, float] = {}
+        for part in micro:
+            with acc.accumulate(module):
+                with acc.autocast():
+                    loss, logs = self.method.loss(phase, part)
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLoss(f"{phase} loss is {loss.item()} at step {step}")
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    logs[f"grad_norm/{phase}"] = float(acc.clip_grad_norm_(self.params[phase], self.run.max_grad_norm))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for key, value in {f"loss/{phase}": loss.item(), **logs}.items():
+                sums[key] = sums.get(key, 0.0) + value / len(micro)
+        return sums
+
+    def save(self, path: Path, step: int) -> None:
+        """Every process calls this (weights of sharded modules are gathered collectively); the
+        main process writes the checkpoint. Sharded (FSDP) optimizer state: a file per process."""
+        acc = self.accelerator
+        state = {"step": step, "student": self.method.ctx.nets.state("student"),
+                 "method": self.method.state_dict()}
+        optimizers = {ph: opt.state_dict() for ph, opt in self.optimizers.items()}
+        if self._sharded:
+            with atomic_path(_rank_file(path, acc.process_index)) as tmp:
+                torch.save(optimizers, tmp)
+        else:
+            state["optimizers"] = optimizers
+        if acc.is_main_process:
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
+
+    def load(self, path: Path) -> int:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.method.ctx.nets.load_state("student", state["student"])
+        self.method.load_state_dict(state["method"])
+        optimizers = (torch.load(_rank_file(path, self.accelerator.process_index), map_location="cpu",
+                                 weights_only=True) if self._sharded else state["optimizers"])
+        for phase, opt in self.optimizers.items():
+            opt.load_state_dict(optimizers[phase])
+        return state["step"]
+
+    @property
+    def _sharded(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def _rank_file(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.name}.optimizer-{rank}")
+
+
+def split_batch(example, parts: int) -> list:
+    """``parts`` equal micro-batches of a batch-first dataclass (tensors, lists, nested dicts)."""
+    if parts == 1:
+        return [example]
+    import dataclasses
+    fields = {f.name: _chunks(getattr(example, f.name), parts) for f in dataclasses.fields(example)}
+    return [type(example)(**{k: v[i] for k, v in fields.items()}) for i in range(parts)]
+
+
+def _chunks(value, parts: int) -> list:
+    if isinstance(value, torch.Tensor):
+        return list(value.chunk(parts))
+    if isinstance(value, list):
+        size = len(value) // parts
+        return [value[i * size:(i + 1) * size] for i in range(parts)]
+    if isinstance(value, dict):
+        split = {k: _chunks(v, parts) for k, v in value.items()}
+        return [{k: v[i] for k, v in split.items()} for i in range(parts)]
+    return [value] * parts
+
+
+def _run_stage(run: RunConfig, index: int, ctx: StageContext, examples, accelerator: Accelerator,
+               previous: dict | None, sdxl: bool, unet) -> tuple[Path, dict]:
+    """Train (or resume, or skip if finished) one stage; return its export and student."""
+    stage, out = run.stages[index], Path(run.output_dir)
+    final, ckpt = out / f"{stage.name}.safetensors", out / f"{stage.name}.ckpt"
+    if final.exists() and ckpt.exists():  # a finished stage: restore its student, move on
+        student = torch.load(ckpt, map_location="cpu", weights_only=True)["student"]
+        ctx.nets.load_state("student", student)
+        return (final if ctx.nets.lora is not None else out / stage.name), student
+    trainer = StageTrainer(run, index, ctx, examples, accelerator)
+    if ckpt.exists():
+        start = trainer.load(ckpt)
+        accelerator.print(f"resuming stage {stage.name} at step {start}")
+    else:
+        start = 0
+        _init_student(ctx.nets, stage.start_from, previous)
+    began = time.time()
+    _train(trainer, start, ckpt)
+    info = {"base_model": run.model, "method": stage.method, **trainer.method.export_info(),
+            "stage": stage.name, "train_steps": stage.steps, "mixed_precision": run.mixed_precision,
+            "seconds": round(time.time() - began, 1)}
+    del trainer
+    accelerator.free_memory()  # the next stage prepares its own modules and optimizers
+    student = ctx.nets.state("student")
+    accelerator.wait_for_everyone()
+    return _export(ctx.nets, student, final, info, sdxl, unet, accelerator.is_main_process), student
+
+
+def _train(trainer: StageTrainer, start: int, ckpt: Path) -> None:
+    run, stage, acc = trainer.run, trainer.stage, trainer.accelerator
+    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=stage.name,
+               disable=not acc.is_local_main_process)
+    avg = None
+    for step in bar:
+        try:
+            logs = trainer.step(step)
+        except NonFiniteLoss as e:
+            raise UserError(f"stage {stage.name}: {e}; the last good checkpoint is "
+                            f"{ckpt if ckpt.exists() else 'none'} (lower lr?)") from None
+        loss = next(v for k, v in logs.items() if k.startswith("loss/"))
+        avg = loss if avg is None else 0.95 * avg + 0.05 * loss
+        bar.set_postfix(loss=f"{avg:.4g}")
+        if (step + 1) % run.log_every == 0:
+            acc.log({f"{stage.name}/{k}": v for k, v in logs.items()}, step=step + 1)
+        if (step + 1) % run.checkpoint_every == 0 or step + 1 == stage.steps:
+            trainer.save(ckpt, step + 1)
+
+
+def _export(nets: Networks, student: dict, final: Path, info: dict, sdxl: bool, unet, main: bool) -> Path:
+    """The stage's student: a LoRA file (diffusers + kohya), or a UNet folder for full training."""
+    if nets.lora is None:
+        folder = final.with_suffix("")
+        if main:
+            with atomic_path(folder) as tmp:
+                unet.save_pretrained(tmp)
+            final.touch()
+        return folder
+    if main:
+        save_lora(student, nets.lora, final, info, sdxl=sdxl)
+    return final
+
+
+def _report_replicas(run: RunConfig, nets: Networks, accelerator: Accelerator) -> None:
+    """Every process reports its replica's checksum, so drift between processes is visible."""
+    if accelerator.num_processes == 1:
+        return
+    sums = accelerator.gather(torch.tensor([replica_checksum(nets)], dtype=torch.float64))
+    if accelerator.is_main_process:
+        (Path(run.output_dir) / "replicas.json").write_text(json.dumps({"checksums": sums.tolist()}) + "\n")
 
 
 def _init_student(nets: Networks, start_from: str, previous: dict | None) -> None:
@@ -213,4 +299,7 @@ def _init_student(nets: Networks, start_from: str, previous: dict | None) -> Non
     else:  # a fresh LoRA: B = 0, so the student starts as the teacher
         nets.load_states({k: torch.zeros_like(v) if "lora_B" in k else v
                           for k, v in nets.student_state().items()} if nets.lora is not None
-                         else nets.teacher.state_dict())
+                         else nets.state("teacher"))
+
+
+__all__ = ["distill", "StageTrainer", "StageConfig", "setup", "make_accelerator", "split_batch"]

@@ -1,96 +1,207 @@
-"""Student, EMA target and teacher as three views of one UNet with two LoRA adapters.
+"""Networks as named views of one UNet: teacher, student, EMA target and any extra role.
 
-The teacher is the base weights (adapters disabled), the student the trainable adapter
-"student", the target its EMA "target" [Θ⁻ ← μΘ⁻ + (1-μ)Θ]. One UNet in memory serves all
-three. With ``full_unet`` the student is the whole UNet and teacher/target are copies.
+With a LoRA student every role but the teacher is a peft adapter on one UNet in memory: the
+teacher is the base weights (adapters disabled), the student the trainable adapter
+"student", the target its EMA "target" [Θ⁻ ← μΘ⁻ + (1-μ)Θ], and a method may add more
+(a fake score, ...) with ``add_role``. With ``full_unet`` the student is the whole UNet and
+every other role is a copy of it.
+
+A role's calls go through the module accelerate prepared for it (``use_wrapped``) once there
+is one, so DDP and FSDP see every forward that needs them. Under FSDP a wrapped module's
+parameters are shards; reading, loading and averaging weights then happen inside
+``summon_full_params`` (a collective: every process calls them).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
+from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from hypersd.errors import UserError
 
 
 class _View:
-    """Calls the shared UNet with one adapter active (None: the base weights)."""
+    """Calls the UNet of one role (for LoRA roles: the shared UNet with that adapter active)."""
 
-    def __init__(self, unet, adapter: str | None):
-        self.unet, self.adapter = unet, adapter
+    def __init__(self, nets: "Networks", role: str):
+        self.nets, self.role = nets, role
 
     def __call__(self, *args, **kwargs):
-        if self.adapter is None:
-            self.unet.disable_adapters()
+        nets = self.nets
+        call = nets._callers.get(self.role if nets.lora is None else "shared")
+        if nets.lora is None:
+            return (call or nets._modules[self.role])(*args, **kwargs)
+        call = call or nets.unet
+        if self.role == "teacher":
+            nets.unet.disable_adapters()
             try:
-                return self.unet(*args, **kwargs)
+                return call(*args, **kwargs)
             finally:
-                self.unet.enable_adapters()
-        self.unet.set_adapters([self.adapter])
-        return self.unet(*args, **kwargs)
+                nets.unet.enable_adapters()
+        nets.unet.set_adapters([self.role])
+        return call(*args, **kwargs)
 
 
 class Networks:
     def __init__(self, unet, lora: LoraConfig | None):
         self.unet = unet.requires_grad_(False)
         self.lora = lora
+        self._callers: dict[str, object] = {}
+        self._trainable: set[str] = {"student"}
         if lora is None:
-            self.teacher = copy.deepcopy(unet).eval()
-            self.target = copy.deepcopy(unet).eval()
-            self.student = unet.train().requires_grad_(True)
-            self._pairs = list(zip(self.target.parameters(), self.student.parameters()))
+            self._modules = {"teacher": copy.deepcopy(unet).eval(), "target": copy.deepcopy(unet).eval(),
+                             "student": unet.train().requires_grad_(True)}
+        else:
+            self._modules = {}
+            for role in ("student", "target"):
+                self._add_adapter(role)
+            self._set_requires_grad()
+            self.copy_role("target", "student")
+        self.teacher, self.student, self.target = (self.view(r) for r in ("teacher", "student", "target"))
+
+    # ---- roles -------------------------------------------------------------------------
+    def add_role(self, role: str, trainable: bool = False, like: str = "teacher") -> _View:
+        """A new role that starts as a copy of ``like`` (for LoRA: an adapter with its weights)."""
+        if role in self.roles():
+            raise ValueError(f"role {role!r} exists already")
+        if self.lora is None:
+            self._modules[role] = copy.deepcopy(self._modules[like]).requires_grad_(trainable)
+        else:
+            self._add_adapter(role)
+            if like == "teacher":  # an adapter with B = 0 adds nothing to the base weights
+                self.load_state(role, {k: torch.zeros_like(v) if "lora_B" in k else v
+                                       for k, v in self.state(role).items()})
+            else:
+                self.copy_role(role, like)
+        if trainable:
+            self._trainable.add(role)
+        self._set_requires_grad()
+        return self.view(role)
+
+    def _add_adapter(self, role: str) -> None:
+        with warnings.catch_warnings():  # several adapters on one model are the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.unet.add_adapter(self.lora, adapter_name=role)
+
+    def roles(self) -> list[str]:
+        if self.lora is None:
+            return list(self._modules)
+        return ["teacher", *self.unet.peft_config]
+
+    def view(self, role: str) -> _View:
+        return _View(self, role)
+
+    def module(self, role: str) -> torch.nn.Module:
+        """The module that holds ``role``'s weights (for LoRA: the one shared UNet)."""
+        return self.unet if self.lora is not None else self._modules[role]
+
+    def use_wrapped(self, role: str, wrapped) -> None:
+        """Route ``role``'s calls (for LoRA: every role's) through accelerate's wrapper."""
+        self._callers["shared" if self.lora is not None else role] = wrapped
+
+    def trainable(self, role: str = "student") -> list[torch.nn.Parameter]:
+        return [p for _, p in self._named(role)]
+
+    def _named(self, role: str) -> list[tuple[str, torch.nn.Parameter]]:
+        if self.lora is None:
+            return list(self._modules[role].named_parameters())
+        return [(n, p) for n, p in self.unet.named_parameters() if f".{role}." in n]
+
+    def _set_requires_grad(self) -> None:
+        if self.lora is None:
+            for role, module in self._modules.items():
+                module.requires_grad_(role in self._trainable)
             return
-        unet.add_adapter(lora, adapter_name="student")
-        unet.add_adapter(lora, adapter_name="target")
-        named = dict(unet.named_parameters())
-        self._pairs = [(named[n.replace(".student.", ".target.")], p)
-                       for n, p in named.items() if ".student." in n]
-        for n, p in named.items():
-            p.requires_grad_(".student." in n)
-        self.copy_to_target()
-        self.teacher, self.student, self.target = _View(unet, None), _View(unet, "student"), _View(unet, "target")
+        for n, p in self.unet.named_parameters():
+            p.requires_grad_(any(f".{role}." in n for role in self._trainable))
+
+    # ---- weights -----------------------------------------------------------------------
+    def _full(self, *roles: str, writeback: bool = False):
+        """Whole parameters of FSDP-wrapped roles for the duration of the block (else a no-op)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        keys = {"shared"} if self.lora is not None else set(roles)
+        sharded = [m for k, m in self._callers.items() if k in keys and isinstance(m, FSDP)]
+        if not sharded:
+            return nullcontext()
+        if len(sharded) > 1:
+            raise NotImplementedError("one FSDP-wrapped role at a time")
+        return FSDP.summon_full_params(sharded[0], writeback=writeback)
+
+    @torch.no_grad()
+    def copy_role(self, dst: str, src: str) -> None:
+        with self._full(dst, src, writeback=True):
+            for (_, d), (_, s) in zip(self._named(dst), self._named(src), strict=True):
+                d.copy_(s)
+
+    @torch.no_grad()
+    def ema(self, dst: str, src: str, mu: float) -> None:
+        """Θ_dst ← μ Θ_dst + (1 - μ) Θ_src."""
+        with self._full(dst, src, writeback=True):
+            for (_, d), (_, s) in zip(self._named(dst), self._named(src), strict=True):
+                d.lerp_(s.detach(), 1 - mu)
+
+    def update_target(self, mu: float) -> None:
+        """The EMA target: Θ⁻ ← μΘ⁻ + (1 - μ)Θ."""
+        self.ema("target", "student", mu)
+
+    def state(self, role: str) -> dict[str, torch.Tensor]:
+        """A role's weights: LoRA tensors (peft names) or the full UNet state dict."""
+        with self._full(role):
+            if self.lora is None:
+                return {k: v.detach().clone() for k, v in self._modules[role].state_dict().items()}
+            return {k: v.detach().clone()
+                    for k, v in get_peft_model_state_dict(self.unet, adapter_name=role).items()}
+
+    def load_state(self, role: str, state: dict) -> None:
+        with self._full(role, writeback=True):
+            if self.lora is None:
+                self._modules[role].load_state_dict(state)
+            else:
+                set_peft_model_state_dict(self.unet, state, adapter_name=role)
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        return self.state("student")
+
+    def load_states(self, student: dict, target: dict | None = None) -> None:
+        """The student's weights, and the target's (default: the student's)."""
+        self.load_state("student", student)
+        self.load_state("target", target if target is not None else student)
+
+    @torch.no_grad()
+    def promote_student(self) -> None:
+        """Make the student the teacher (the next stage distils it), keeping the student as is.
+
+        LoRA: the student's ΔW is merged into the base weights and every adapter's B is set
+        to zero, so student and target start the next stage equal to the new teacher.
+        Full UNet: the teacher copy takes the student's weights.
+        """
+        if self.lora is None:
+            self._modules["teacher"].load_state_dict(self._modules["student"].state_dict())
+            return
+        for module in self.unet.modules():
+            if isinstance(module, BaseTunerLayer) and "student" in module.lora_A:
+                base = module.get_base_layer()
+                base.weight += module.get_delta_weight("student").to(base.weight.dtype)
+        for role in self.roles()[1:]:
+            self.load_state(role, {k: torch.zeros_like(v) if "lora_B" in k else v
+                                   for k, v in self.state(role).items()})
 
     def teacher_features(self, x, t, cond) -> list[torch.Tensor]:
-        """The frozen teacher's encoder features (the discriminator's backbone)."""
-        from hypersd.distill.adversarial import encoder_features
+        """The frozen teacher's encoder features (the adversarial term's backbone)."""
+        from hypersd.distill.methods.adversarial import encoder_features
+        if self.lora is not None and not isinstance(self._full(), nullcontext):
+            raise UserError("the adversarial term reads the teacher's encoder blocks, which FSDP "
+                            "shards in a LoRA run: use data parallelism (DDP) for adversarial stages")
         if self.lora is None:
-            return encoder_features(self.teacher, x, t, cond)
+            return encoder_features(self._modules["teacher"], x, t, cond)
         self.unet.disable_adapters()
         try:
             return encoder_features(self.unet, x, t, cond)
         finally:
             self.unet.enable_adapters()
-
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self._pairs]
-
-    @torch.no_grad()
-    def copy_to_target(self) -> None:
-        for t, s in self._pairs:
-            t.copy_(s)
-
-    @torch.no_grad()
-    def update_target(self, mu: float) -> None:
-        """Θ⁻ ← μΘ⁻ + (1 - μ)Θ."""
-        for t, s in self._pairs:
-            t.lerp_(s.detach(), 1 - mu)
-
-    def student_state(self) -> dict[str, torch.Tensor]:
-        """The student's weights: LoRA tensors (peft names) or the full UNet state dict."""
-        if self.lora is None:
-            return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet, adapter_name="student").items()}
-
-    def target_state(self) -> dict[str, torch.Tensor]:
-        if self.lora is None:
-            return {k: v.detach().clone() for k, v in self.target.state_dict().items()}
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet, adapter_name="target").items()}
-
-    def load_states(self, student: dict, target: dict | None = None) -> None:
-        if self.lora is None:
-            self.unet.load_state_dict(student)
-            self.target.load_state_dict(target if target is not None else student)
-            return
-        set_peft_model_state_dict(self.unet, student, adapter_name="student")
-        set_peft_model_state_dict(self.unet, target if target is not None else student, adapter_name="target")

@@ -1,11 +1,15 @@
 """A distillation run as typed config: the base model, the LoRA, and a list of stages.
 
-YAML files hold only what differs from these defaults (see ``hypersd/recipes/distill/``).
+YAML files hold only what differs from these defaults (see ``hypersd/recipes/distill/``). A
+stage's fields are the loop's (``StageConfig``) and its method's (the method's config class).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from hypersd.config import apply_overrides, load_dataclass, load_yaml
 from hypersd.errors import UserError
@@ -25,22 +29,25 @@ class LoraSettings:
 
 @dataclass
 class StageConfig:
-    method: str                          # a key of hypersd.distill.methods.METHODS
+    """The loop's fields of a stage; every other field of a recipe stage is the method's own
+    (its config dataclass in ``hypersd.distill.methods``), kept in ``config``."""
+
+    method: str                          # a registered method: lcm, tcd, pcm, tscd, ...
     steps: int                           # optimizer steps of this stage
     name: str = ""                       # default: "<index>-<method>-k<segments>"
-    segments: int = 1                    # k (TSCD/PCM)
-    lr: float = 1e-4
-    batch_size: int = 32
-    guidance: tuple[float, float] | None = (2.0, 4.0)  # teacher CFG range ω; None: teacher without CFG
-    student_guidance: bool = False       # guide the student at ω too: it keeps CFG and negative prompts
-    solver_points: int = 40              # the teacher's DDIM grid
-    mse_weight: float = 1.0              # weight of the consistency distance
-    adv_weight: float = 0.0              # weight of the adversarial term (0: none)
-    adv_loss: str = "hinge"              # "hinge" or "nonsaturating"
-    adv_conditional: bool = True         # discriminator sees (x_t, candidate); False: candidate only
-    critic_lr: float = 1e-4              # the discriminator heads' learning rate
-    ema_decay: float = 0.95              # μ of the target network
+    lr: float = 1e-4                     # the student's learning rate
+    batch_size: int = 32                 # examples per optimizer step and process
     start_from: str = "previous"         # "previous" stage, "base" (a fresh LoRA) or a LoRA file
+    config: Any = None                   # the method's settings: its dataclass or a mapping
+
+    @classmethod
+    def make(cls, method: str, steps: int, **fields) -> "StageConfig":
+        """A stage from flat fields, as a recipe writes them: ``make("tscd", 500, segments=4)``."""
+        loop = {k: fields.pop(k) for k in list(fields) if k in _LOOP_FIELDS}
+        return cls(method=method, steps=steps, **loop, config=fields)
+
+
+_LOOP_FIELDS = {f.name for f in dataclasses.fields(StageConfig)}
 
 
 @dataclass
@@ -53,7 +60,9 @@ class RunConfig:
     split: str = "distill"               # emoji32 prompts used for training
     mixed_precision: str = "no"          # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
-    gradient_accumulation: int = 1
+    gradient_accumulation: int = 1       # micro-batches per optimizer step: each pass takes
+                                         # batch_size / N examples, the update is the same
+    max_grad_norm: float = 1.0           # gradients are clipped to this norm, per phase
     checkpoint_every: int = 200
     log_every: int = 20
     seed: int = 0
@@ -61,24 +70,52 @@ class RunConfig:
     threads: int = 0
 
     def __post_init__(self):
-        from hypersd.distill.methods import METHODS
         if not self.stages:
             raise UserError("a run needs at least one stage")
         for i, stage in enumerate(self.stages):
-            if stage.method not in METHODS:
-                raise UserError(f"stage {i}: unknown method {stage.method!r}; "
-                                f"known: {', '.join(METHODS)}")
-            if stage.steps < 1 or stage.batch_size < 1:
-                raise UserError(f"stage {i}: steps and batch_size must be positive")
-            if stage.student_guidance and stage.guidance is None:
-                raise UserError(f"stage {i}: student_guidance needs a guidance range, e.g. [2, 4]")
+            _check_stage(i, stage, self.gradient_accumulation)
             if stage.start_from == "previous" and i == 0:
                 stage.start_from = "base"
-            stage.name = stage.name or f"{i}-{stage.method}-k{stage.segments}"
+            stage.name = stage.name or f"{i}-{stage.method}-k{getattr(stage.config, 'segments', 1)}"
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
 
 
-def load_run(path: str, overrides: list[str] = ()) -> RunConfig:
-    """Read a run recipe (YAML), apply "key=value" overrides, check every field."""
-    return load_dataclass(RunConfig, apply_overrides(load_yaml(path), list(overrides)), "recipe")
+def _check_stage(i: int, stage: StageConfig, accumulation: int) -> None:
+    """Known method, positive sizes, and the method's own fields checked against its config."""
+    from hypersd.distill.protocol import methods
+    registry = methods()
+    if stage.method not in registry:
+        raise UserError(f"stage {i}: unknown method {stage.method!r}; known: {', '.join(registry)}")
+    if stage.steps < 1 or stage.batch_size < 1:
+        raise UserError(f"stage {i}: steps and batch_size must be positive")
+    if accumulation < 1 or stage.batch_size % accumulation:
+        raise UserError(f"stage {i}: batch_size {stage.batch_size} must be a multiple of "
+                        f"gradient_accumulation {accumulation} (the micro-batches are equal)")
+    config_cls = registry[stage.method].config
+    if stage.config is None or isinstance(stage.config, dict):
+        stage.config = load_dataclass(config_cls, stage.config or {}, f"stage {i} ({stage.method})")
+    elif not isinstance(stage.config, config_cls):
+        raise UserError(f"stage {i}: method {stage.method} takes a {config_cls.__name__}, "
+                        f"not a {type(stage.config).__name__}")
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "recipes" / "distill"
+
+
+def recipe_path(name: str) -> Path:
+    """A YAML path, or the name of a bundled recipe (``hyper-sd-mini``)."""
+    bundled = BUNDLED / f"{name}.yaml"
+    return bundled if not Path(name).exists() and bundled.exists() else Path(name)
+
+
+def load_run(name: str, overrides: list[str] = ()) -> RunConfig:
+    """Read a run recipe (a YAML path or a bundled name), apply "key=value" overrides, check
+    every field (the method's own fields against its config)."""
+    data = apply_overrides(load_yaml(recipe_path(name)), list(overrides))
+    for stage in data.get("stages") or []:
+        if isinstance(stage, dict):  # a stage's flat fields: the loop's, then the method's
+            extra = {k: stage.pop(k) for k in list(stage) if k not in _LOOP_FIELDS}
+            if extra:
+                stage["config"] = {**(stage.get("config") or {}), **extra}
+    return load_dataclass(RunConfig, data, "recipe")

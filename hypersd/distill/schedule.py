@@ -85,6 +85,23 @@ def ddim_step(x0, eps, alpha_s):
     return alpha_s ** 0.5 * x0 + (1 - alpha_s) ** 0.5 * eps
 
 
+def multistep_path(t, s, n: int) -> np.ndarray:
+    """The timesteps of an n-step DDIM solve from t down to s: τ_0 = t > τ_1 > ... > τ_n = s.
+
+    τ_i = t - floor(i·(t - s) / n), so equal jumps when n divides t - s (999 → -1 in 4 steps:
+    999, 749, 499, 249, -1, the 4-step trailing grid). [Progressive distillation, Salimans &
+    Ho 2022; SDXL-Lightning §3: the student jumps where the teacher lands after n steps.]
+    ``t`` and ``s`` may be arrays (one path per example): the result is (n + 1, *shape).
+    """
+    t, s = np.asarray(t, dtype=np.int64), np.asarray(s, dtype=np.int64)
+    if n < 1:
+        raise ValueError(f"a solve takes at least one step, got n = {n}")
+    if np.any(t - s < n):
+        raise ValueError(f"cannot take {n} steps between timesteps {t} and {s}: each step must move")
+    i = np.arange(n + 1).reshape(-1, *([1] * t.ndim))
+    return t - (i * (t - s)) // n
+
+
 def lcm_boundary_scalings(t, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
     """c_skip(t), c_out(t) with c_skip(0) = 1, c_out(0) = 0 [LCM §4.2; Song et al. 2023].
 

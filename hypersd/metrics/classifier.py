@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from hypersd.data import load_emoji32
+from hypersd.imaging import to_signed_unit
 
 CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "assets" / "emoji-classifier"
 
@@ -99,7 +100,7 @@ def _labels() -> tuple[list[str], torch.Tensor, torch.Tensor]:
     data = load_emoji32()
     names = list(dict.fromkeys(data.captions))
     index = {c: i for i, c in enumerate(names)}
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    images = to_signed_unit(data.images)
     return names, images, torch.tensor([index[c] for c in data.captions])
 
 

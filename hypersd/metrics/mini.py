@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from hypersd.data import load_emoji32
+from hypersd.imaging import to_signed_unit
 from hypersd.metrics.classifier import CLASSIFIER_DIR, load_classifier
 from hypersd.metrics.stats import bootstrap_ci, feature_fd, gaussian_stats, frechet_distance
 
@@ -15,7 +16,7 @@ from hypersd.metrics.stats import bootstrap_ci, feature_fd, gaussian_stats, frec
 def to_tensor(images) -> torch.Tensor:
     """PIL images or uint8 (N, H, W, 3) arrays -> float (N, 3, 32, 32) in [-1, 1]."""
     arr = np.stack([np.asarray(i.convert("RGB") if hasattr(i, "convert") else i) for i in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    x = to_signed_unit(arr)
     if x.shape[-1] != 32:
         x = torch.nn.functional.interpolate(x, size=(32, 32), mode="area")
     return x

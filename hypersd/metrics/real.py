@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from hypersd.errors import UserError
 
-CLIP_B32 = "openai/clip-vit-base-patch32"   # Hyper-SD's CLIP score model (SPEC §1)
+CLIP_B32 = "openai/clip-vit-base-patch32"   # Hyper-SD's CLIP score model (Hyper-SD §4.1)
 CLIP_L14 = "openai/clip-vit-large-patch14"  # the aesthetic predictor's feature model
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

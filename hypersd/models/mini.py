@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 MINI_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini-teacher"
 MAX_TOKENS = 32  # emoji captions need at most 21 MiniLM tokens
 
-# SD1.5's noise schedule [SPEC §1; Rombach et al. 2022]
+# SD1.5's noise schedule [Rombach et al. 2022; the SD1.5 scheduler config]
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                      steps_offset=1, prediction_type="epsilon")

@@ -9,7 +9,6 @@ dropout for classifier-free guidance and min-SNR weighting.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from tqdm.auto import tqdm
 
 from hypersd.data import load_emoji32
 from hypersd.errors import UserError
+from hypersd.imaging import to_signed_unit
+from hypersd.io import atomic_path
 from hypersd.models.mini import (MINI_DIR, build_scheduler, build_unet, build_vae,
                                  load_text_encoder)
 from hypersd.teacher.config import TeacherConfig
@@ -41,17 +42,15 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int) -> None:
     """accelerate's save_state, written to a temporary folder then renamed (atomic)."""
-    tmp = folder / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    os.replace(tmp, folder / f"checkpoint-{step}")
+    with atomic_path(folder / f"checkpoint-{step}") as tmp:
+        accelerator.save_state(str(tmp))
     for old in _checkpoints(folder)[:-keep]:
         shutil.rmtree(old)
 
 
 def _images(device, limit: int = 0) -> torch.Tensor:
     images = load_emoji32().images[:limit or None]
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    return to_signed_unit(images).to(device)
 
 
 @torch.no_grad()
@@ -198,9 +197,8 @@ def _save_handoff(path: str, model, ema, step: int) -> None:
     """Model and EMA weights in fp32 (no optimizer state): small enough to keep in git."""
     tensors = {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{i}": p.detach().float().contiguous() for i, p in enumerate(ema.shadow_params)})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, f"{path}.tmp", metadata={"step": str(step), "ema_step": str(ema.optimization_step)})
-    os.replace(f"{path}.tmp", path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"step": str(step), "ema_step": str(ema.optimization_step)})
 
 
 def handoff_from_checkpoint(run_dir: str | Path, path: str) -> int:
@@ -236,11 +234,8 @@ def _save_weights(model, ema, run_dir: Path, phase: str, task) -> None:
     unet = build_unet()
     unet.load_state_dict(model.state_dict())
     ema.copy_to(unet.parameters())
-    tmp = run_dir / ".tmp-unet"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp)
-    shutil.rmtree(run_dir / "unet", ignore_errors=True)
-    os.replace(tmp, run_dir / "unet")
+    with atomic_path(run_dir / "unet") as tmp:
+        unet.save_pretrained(tmp)
 
 
 def vae_folder(run_dir: str | Path, handoff: str | None) -> Path:
@@ -261,9 +256,6 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path = MINI_DIR,
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
                                    scheduler=build_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True, variant=None)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_path(out_dir) as tmp:
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True, variant=None)
     return out_dir

@@ -1,4 +1,5 @@
-"""The adversarial term: trainable heads on frozen UNet-encoder features of (x_t, candidate).
+"""The adversarial term, a component any method can switch on: trainable heads on frozen
+UNet-encoder features of (x_t, candidate), trained in a "critic" phase of their own.
 
 [SDXL-Lightning §3.3: the discriminator reuses the diffusion UNet's encoder and mid block,
 sees both x_t and the candidate x_{t_end} so it judges the flow, not just the image, and has
@@ -9,7 +10,7 @@ block) gets a head on the channel-concatenated features of x_t and of the candid
 
 Generator and critic are separate phases with their own optimizers; the critic's heads are
 the only parameters its loss trains, and the generator's loss reaches the student only
-through the candidate.
+through the candidate (the heads are frozen while it is computed).
 """
 
 from __future__ import annotations
@@ -84,10 +85,65 @@ class Discriminator(nn.Module):
         logits = self(fake, t_end, x_t, t, cond)
         return -logits if self.cfg.loss == "hinge" else F.softplus(-logits)
 
-    def critic_loss(self, real, fake, t_end, x_t, t, cond) -> torch.Tensor:
-        """Per-example loss training the heads to tell real (target) from fake (student)."""
-        real_logits = self(real.detach(), t_end, x_t, t, cond)
-        fake_logits = self(fake.detach(), t_end, x_t, t, cond)
+    def critic_loss(self, real, fake, t_end, x_t, t, cond, forward=None) -> torch.Tensor:
+        """Per-example loss training the heads to tell real (target) from fake (student).
+
+        Real and fake go through one forward (``forward``: this module as accelerate wrapped
+        it), so data-parallel wrappers see each parameter used once per backward.
+        """
+        two = lambda v: torch.cat([v, v])  # noqa: E731
+        logits = (forward or self)(torch.cat([real.detach(), fake.detach()]), two(t_end), two(x_t), two(t),
+                                   _map(cond, two))
+        real_logits, fake_logits = logits.chunk(2)
         if self.cfg.loss == "hinge":
             return F.relu(1 - real_logits) + F.relu(1 + fake_logits)
         return F.softplus(-real_logits) + F.softplus(fake_logits)
+
+
+def _map(cond: dict, fn) -> dict:
+    return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in cond.items()}
+
+
+@dataclass
+class AdversarialSettings:
+    """A stage's adversarial term (absent: none)."""
+
+    weight: float = 0.1            # λ: the student's loss is w·d(prediction, target) + λ·generator term
+    loss: str = "hinge"            # "hinge" or "nonsaturating"
+    conditional: bool = True       # heads see (x_t, candidate); False: the candidate alone
+    lr: float = 1e-4               # the critic heads' learning rate
+    hidden: int = 64               # channels of each head
+
+    def __post_init__(self):
+        if self.loss not in ("hinge", "nonsaturating"):
+            raise ValueError(f"adversarial loss must be hinge or nonsaturating, not {self.loss!r}")
+
+
+class AdversarialTerm:
+    """A fresh critic for one stage (re-initialised every stage, as Lightning does): the heads,
+    their phase name, and the generator/critic losses on a candidate."""
+
+    phase = "critic"
+
+    def __init__(self, cfg: AdversarialSettings, nets, probe):
+        self.cfg = cfg
+        self.disc = Discriminator(nets.teacher_features, (probe.latents, torch.tensor([999, 0]), probe.cond),
+                                  AdversarialConfig(loss=cfg.loss, conditional=cfg.conditional, hidden=cfg.hidden))
+        self._forward = self.disc
+
+    def params(self) -> list[nn.Parameter]:
+        return list(self.disc.heads.parameters())
+
+    def wrapped(self, module) -> None:
+        self._forward = module
+
+    def generator_loss(self, candidate, t_end, x_t, t, cond) -> torch.Tensor:
+        """Mean generator term; the heads are frozen, so only the candidate's source learns."""
+        self.disc.heads.requires_grad_(False)
+        try:
+            return self.disc.generator_loss(candidate, t_end, x_t, t, cond).mean()
+        finally:
+            self.disc.heads.requires_grad_(True)
+
+    def critic_loss(self, real, fake, t_end, x_t, t, cond) -> torch.Tensor:
+        return self.disc.critic_loss(real, fake, t_end, x_t, t, cond, forward=self._forward).mean()

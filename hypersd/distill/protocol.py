@@ -1,0 +1,120 @@
+"""What a distillation method is to the loop, and the registry of methods.
+
+A method owns its networks' roles, its phases and each phase's loss; the loop owns
+optimisation (one optimizer per phase), precision, gradient accumulation, data, checkpoints,
+logging and export. A step of a stage is:
+
+    example = method.sample(batch, g)          # every random draw of the step, batch-first
+    for phase in method.phases(step):          # e.g. ["student", "critic"]
+        for micro in split(example, N):        # gradient accumulation over N micro-batches
+            loss, logs = method.loss(phase, micro)
+            backward, clip, step the phase's optimizer (once per N)
+        method.after_step(phase)               # e.g. the EMA target update
+
+A method is a class with this interface, registered in one line next to its config class:
+
+    register("tscd", TSCDConfig, ConsistencyMethod)
+
+Its config class is a dataclass of the method's own fields; a recipe stage's fields that are
+not the loop's (``StageConfig``) are checked against it when the recipe is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from hypersd.distill.data import Batch
+from hypersd.distill.networks import Networks
+
+
+@dataclass
+class StageContext:
+    """What a method is built with: the networks and the run-level settings it may use."""
+
+    nets: Networks
+    alphas: torch.Tensor               # ᾱ_t of the base model's schedule, float64
+    prediction_type: str               # "epsilon" | "v_prediction" | "sample"
+    offset_noise: float = 0.0          # noise perturbation [Hyper-SD §3.1, offset noise]
+    probe: Batch | None = None         # two examples, for shape-dependent set-up (critic heads)
+
+
+class Method:
+    """Base class of the distillation methods; subclasses override what they need."""
+
+    needs_images = True                # False: trains from prompts alone
+
+    def __init__(self, cfg, ctx: StageContext):
+        self.cfg, self.ctx = cfg, ctx
+
+    def phases(self, step: int) -> list[str]:
+        """The phases of optimizer step ``step``, in order (each its own optimizer)."""
+        return ["student"]
+
+    def params(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The trainable parameters of each phase."""
+        return {"student": self.ctx.nets.trainable("student")}
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The module each phase trains, for accelerate to wrap (DDP, FSDP)."""
+        return {"student": self.ctx.nets.module("student")}
+
+    def wrapped(self, phase: str, module) -> None:
+        """Receives the module of ``phase`` as accelerate prepared it; calls must go through it."""
+        if phase == "student":
+            self.ctx.nets.use_wrapped("student", module)
+
+    def optimizer_settings(self, lr: float) -> dict[str, dict]:
+        """Each phase's AdamW keyword arguments; ``lr`` is the stage's (the student's)."""
+        return {"student": {"lr": lr}}
+
+    def sample(self, batch: Batch, g: torch.Generator):
+        """All random draws of one step, as a batch-first dataclass the loop may slice."""
+        raise NotImplementedError
+
+    def loss(self, phase: str, example) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss of ``phase`` on (a micro-batch of) ``example``, and logs."""
+        raise NotImplementedError
+
+    def after_step(self, phase: str) -> None:
+        """Called after the optimizer step of ``phase`` (EMA updates and the like)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint must hold to resume the method exactly (tensors only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export_info(self) -> dict[str, Any]:
+        """The inference recipe that serves the student and the step counts it serves."""
+        raise NotImplementedError
+
+    def passes(self, example) -> dict[str, Callable[[], None]]:
+        """Each network pass of a step on ``example``, runnable alone (``hypersd bench train-cost``)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Registered:
+    config: type
+    method: type
+
+
+METHODS: dict[str, Registered] = {}
+
+
+def register(name: str, config: type, method: type) -> None:
+    """Make ``name`` usable as a stage's ``method``."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"{name}: the config class must be a dataclass")
+    METHODS[name] = Registered(config, method)
+
+
+def methods() -> dict[str, Registered]:
+    """The registry, with every bundled method module imported."""
+    import hypersd.distill.methods  # noqa: F401  (each module registers its methods)
+    return METHODS

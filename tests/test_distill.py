@@ -190,7 +190,8 @@ def test_every_bundled_recipe_is_valid(name):
 
 
 def test_two_processes_train_and_agree(tmp_path, tiny_dirs):
-    """torchrun with 2 CPU processes (gloo): gradients are averaged, so replicas stay equal."""
+    """torchrun with 2 CPU processes (gloo): accelerate wraps the student and the critic in DDP,
+    so gradients are averaged and replicas stay equal, across a stage boundary too."""
     import json
     import os
     import subprocess
@@ -198,7 +199,9 @@ def test_two_processes_train_and_agree(tmp_path, tiny_dirs):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {tiny_dirs['sd15']}\noutput_dir: {tmp_path / 'run'}\n"
                       "lora: {rank: 4, alpha: 4}\nsplit: eval\nthreads: 1\n"
-                      "stages:\n  - {method: tscd, segments: 2, steps: 3, batch_size: 2, lr: 1.0e-3}\n")
+                      "stages:\n  - {method: tscd, segments: 2, steps: 3, batch_size: 2, lr: 1.0e-3,"
+                      " adversarial: {weight: 0.5, lr: 1.0e-3}}\n"
+                      "  - {method: tcd, steps: 2, batch_size: 2, lr: 1.0e-3}\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--master_port=29517", "-m", "hypersd.cli", "distill", str(recipe)],
@@ -206,7 +209,7 @@ def test_two_processes_train_and_agree(tmp_path, tiny_dirs):
     assert result.returncode == 0, result.stderr[-2000:]
     sums = json.loads((tmp_path / "run" / "replicas.json").read_text())["checksums"]
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-9)
-    assert (tmp_path / "run" / "0-tscd-k2.safetensors").exists()
+    assert (tmp_path / "run" / "0-tscd-k2.safetensors").exists() and (tmp_path / "run" / "1-tcd-k1.safetensors").exists()
 
 
 def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path, tiny_dirs):
@@ -326,3 +329,16 @@ def test_fp16_loss_scaling_is_undone_before_clipping(tmp_path):
     plain, scaled = (_lora_tensors(tmp_path / n / "0-tscd-k4.safetensors") for n in ("plain", "scaled"))
     for key, value in plain.items():
         torch.testing.assert_close(scaled[key], value, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, kind", [("multi-gpu", "MULTI_GPU"), ("fsdp-sdxl", "FSDP")])
+def test_shipped_accelerate_configs_load(name, kind):
+    """accelerate reads each example config; FSDP's wrap classes name real diffusers blocks."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from diffusers.models import attention, resnet
+    cfg = load_config_from_file(str(RECIPES.parents[2] / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.name == kind and cfg.mixed_precision == "bf16"
+    if kind == "FSDP":
+        classes = cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+        assert all(hasattr(attention, c) or hasattr(resnet, c) for c in classes)
+        assert cfg.fsdp_config["fsdp_use_orig_params"] is True  # Networks reads original parameters

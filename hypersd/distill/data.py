@@ -62,6 +62,8 @@ def _expand(cond: dict, n: int) -> dict:
 class Prompts:
     """Prompts alone (no images): batches carry conditioning and no latents."""
 
+    has_images = False
+
     @torch.no_grad()
     def __init__(self, pipe, prompts: list[str]):
         if not prompts:
@@ -70,41 +72,35 @@ class Prompts:
         self.cond = encode_text(pipe, self.prompts)
         self.uncond = encode_text(pipe, [""])
 
-    has_images = False
-
     def __len__(self) -> int:
         return len(self.prompts)
 
     def sample(self, n: int, g: torch.Generator) -> Batch:
         idx = torch.randint(len(self), (n,), generator=g)
-        return Batch([self.prompts[i] for i in idx], _index(self.cond, idx), _expand(self.uncond, n))
+        return Batch([self.prompts[i] for i in idx], _index(self.cond, idx), _expand(self.uncond, n),
+                     self._latents(idx, g))
+
+    def _latents(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+        return None
 
 
-class LatentCaptions:
-    """Images (N, 3, H, W in [-1, 1]) and their captions, cached for training."""
+class LatentCaptions(Prompts):
+    """Images (N, 3, H, W in [-1, 1]) and their captions, cached for training: a batch's
+    latents are drawn from each image's VAE posterior, z ~ N(mean, std²), and scaled."""
+
+    has_images = True
 
     @torch.no_grad()
     def __init__(self, pipe, images: torch.Tensor, captions: list[str], chunk: int = 256):
         vae = pipe.vae
         dists = [vae.encode(images[i:i + chunk].to(vae.dtype)).latent_dist for i in range(0, len(images), chunk)]
-        scale = vae.config.scaling_factor
         self.mean = torch.cat([d.mean for d in dists]).float()
         self.std = torch.cat([d.std for d in dists]).float()
-        self.scale = scale
-        self.captions = list(captions)
-        self.cond = encode_text(pipe, captions)
-        self.uncond = encode_text(pipe, [""])
+        self.scale = vae.config.scaling_factor
+        super().__init__(pipe, captions)
 
-    has_images = True
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def sample(self, n: int, g: torch.Generator) -> Batch:
-        idx = torch.randint(len(self), (n,), generator=g)
-        z = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)
-        return Batch([self.captions[i] for i in idx], _index(self.cond, idx), _expand(self.uncond, n),
-                     z * self.scale)
+    def _latents(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)) * self.scale
 
 
 def emoji32_examples(pipe, split: str = "distill") -> LatentCaptions:

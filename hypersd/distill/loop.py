@@ -145,13 +145,13 @@ class StageTrainer:
                 if not math.isfinite(loss.item()):
                     raise NonFiniteLoss(f"{phase} loss is {loss.item()} at step {step}")
                 acc.backward(loss)
-                if acc.sync_gradients:
-                    logs[f"grad_norm/{phase}"] = float(acc.clip_grad_norm_(self.params[phase], self.run.max_grad_norm))
+                if acc.sync_gradients:  # after the last micro-batch: clip (unscaled) and step
+                    norm = float(acc.clip_grad_norm_(self.params[phase], self.run.max_grad_norm))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             for key, value in {f"loss/{phase}": loss.item(), **logs}.items():
                 sums[key] = sums.get(key, 0.0) + value / len(micro)
-        return sums
+        return {**sums, f"grad_norm/{phase}": norm}
 
     def save(self, path: Path, step: int) -> None:
         """Every process calls this (weights of sharded modules are gathered collectively); the

@@ -37,15 +37,8 @@ class _View:
         call = nets._callers.get(self.role if nets.lora is None else "shared")
         if nets.lora is None:
             return (call or nets._modules[self.role])(*args, **kwargs)
-        call = call or nets.unet
-        if self.role == "teacher":
-            nets.unet.disable_adapters()
-            try:
-                return call(*args, **kwargs)
-            finally:
-                nets.unet.enable_adapters()
-        nets.unet.set_adapters([self.role])
-        return call(*args, **kwargs)
+        nets.activate(None if self.role == "teacher" else self.role)
+        return (call or nets.unet)(*args, **kwargs)
 
 
 class Networks:
@@ -53,6 +46,7 @@ class Networks:
         self.unet = unet.requires_grad_(False)
         self.lora = lora
         self._callers: dict[str, object] = {}
+        self._layers: list[BaseTunerLayer] = []
         self._trainable: set[str] = {"student"}
         if lora is None:
             self._modules = {"teacher": copy.deepcopy(unet).eval(), "target": copy.deepcopy(unet).eval(),
@@ -88,6 +82,19 @@ class Networks:
         with warnings.catch_warnings():  # several adapters on one model are the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             self.unet.add_adapter(self.lora, adapter_name=role)
+        self._layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    def activate(self, role: str | None) -> None:
+        """Make ``role``'s adapter the active one (None: none, the base weights).
+
+        peft's set_adapter / enable_adapters also switch requires_grad to the active adapter;
+        which roles train is this class's decision (and DDP fixes it when it wraps the UNet),
+        so only the layers' active-adapter flags are set here.
+        """
+        for layer in self._layers:
+            layer._disable_adapters = role is None
+            if role is not None:
+                layer._active_adapter = [role]
 
     def roles(self) -> list[str]:
         if self.lora is None:
@@ -200,8 +207,5 @@ class Networks:
                             "shards in a LoRA run: use data parallelism (DDP) for adversarial stages")
         if self.lora is None:
             return encoder_features(self._modules["teacher"], x, t, cond)
-        self.unet.disable_adapters()
-        try:
-            return encoder_features(self.unet, x, t, cond)
-        finally:
-            self.unet.enable_adapters()
+        self.activate(None)
+        return encoder_features(self.unet, x, t, cond)

@@ -6,18 +6,20 @@ For each case (a recipe and one of its stages) the bench builds the stage exactl
 clipping, optimizer steps and the method's after-step work (the EMA update). The floor is the
 sum of the method's network passes (``Method.passes``), each timed alone on the same batch;
 step / floor is what the loop adds (adapter switching, solver math, sampling, optimizers).
+Step and passes are timed in turn, round after round, and each reported as its median.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hypersd.bench.speed import median_time
 from hypersd.distill.loop import StageTrainer, make_accelerator, setup
 from hypersd.distill.recipe import load_run
 
@@ -34,6 +36,19 @@ class TrainCostConfig:
     overrides: tuple[str, ...] = ()  # recipe fields for every case, e.g. ("lora.rank=64",)
 
 
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in turn within each round (after one warm-up
+    round), so a slow spell of the machine weighs on the step and its passes alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _case(spec: str) -> tuple[str, int]:
     name, _, stage = spec.partition(":")
     return name, int(stage or 0)
@@ -48,10 +63,11 @@ def time_case(spec: str, overrides: tuple[str, ...], repeats: int, pipe=None, ex
     pipe, examples, ctx = setup(run, accelerator, examples, pipe)
     trainer = StageTrainer(run, index, ctx, examples, accelerator)
     counter = iter(range(10 ** 9))
-    step_s = median_time(lambda: trainer.step(next(counter)), repeats)
-    passes = {k: median_time(fn, repeats) for k, fn in trainer.method.passes(trainer.sample(0)).items()}
+    timed = interleaved_medians({"step": lambda: trainer.step(next(counter)),
+                                 **trainer.method.passes(trainer.sample(0))}, repeats)
     accelerator.free_memory()
-    floor = sum(passes.values())
+    step_s = timed.pop("step")
+    passes, floor = timed, sum(timed.values())
     return {"case": spec, "method": stage.method, "stage": stage.name, "phases": trainer.method.phases(0),
             "batch": stage.batch_size, "lora_rank": None if run.full_unet else run.lora.rank,
             "step_ms": 1000 * step_s, "floor_ms": 1000 * floor,

@@ -22,6 +22,7 @@ not the loop's (``StageConfig``) are checked against it when the recipe is loade
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -116,5 +117,5 @@ def register(name: str, config: type, method: type) -> None:
 
 def methods() -> dict[str, Registered]:
     """The registry, with every bundled method module imported."""
-    import hypersd.distill.methods  # noqa: F401  (each module registers its methods)
+    importlib.import_module("hypersd.distill.methods")  # each module there registers its methods
     return METHODS

@@ -16,6 +16,7 @@ non-finite loss stops the run and keeps the last good checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -31,7 +32,7 @@ from hypersd.distill.data import emoji32_examples
 from hypersd.distill.export import save_lora
 from hypersd.distill.networks import Networks
 from hypersd.distill.protocol import StageContext, methods
-from hypersd.distill.recipe import RunConfig, StageConfig
+from hypersd.distill.recipe import RunConfig
 from hypersd.errors import UserError
 from hypersd.io import atomic_path
 
@@ -105,10 +106,9 @@ class StageTrainer:
         if self.method.needs_images and not examples.has_images:
             raise UserError(f"stage {self.stage.name}: method {self.stage.method} needs images; "
                             f"the data has prompts only")
-        params, settings = self.method.params(), self.method.optimizer_settings(self.stage.lr)
-        self.params = params
-        self.optimizers = {ph: torch.optim.AdamW(params[ph], **{"weight_decay": 0.0, **settings[ph]})
-                           for ph in params}
+        self.params, settings = self.method.params(), self.method.optimizer_settings(self.stage.lr)
+        self.optimizers = {ph: torch.optim.AdamW(ps, **{"weight_decay": 0.0, **settings[ph]})
+                           for ph, ps in self.params.items()}
         self.modules = self._prepare(self.method.modules())
 
     def _prepare(self, modules: dict) -> dict:
@@ -142,15 +142,16 @@ class StageTrainer:
             with acc.accumulate(module):
                 with acc.autocast():
                     loss, logs = self.method.loss(phase, part)
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLoss(f"{phase} loss is {loss.item()} at step {step}")
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"{phase} loss is {value} at step {step}")
                 acc.backward(loss)
                 if acc.sync_gradients:  # after the last micro-batch: clip (unscaled) and step
                     norm = float(acc.clip_grad_norm_(self.params[phase], self.run.max_grad_norm))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            for key, value in {f"loss/{phase}": loss.item(), **logs}.items():
-                sums[key] = sums.get(key, 0.0) + value / len(micro)
+            for key, x in {f"loss/{phase}": value, **logs}.items():
+                sums[key] = sums.get(key, 0.0) + x / len(micro)
         return {**sums, f"grad_norm/{phase}": norm}
 
     def save(self, path: Path, step: int) -> None:
@@ -196,7 +197,6 @@ def split_batch(example, parts: int) -> list:
     """``parts`` equal micro-batches of a batch-first dataclass (tensors, lists, nested dicts)."""
     if parts == 1:
         return [example]
-    import dataclasses
     fields = {f.name: _chunks(getattr(example, f.name), parts) for f in dataclasses.fields(example)}
     return [type(example)(**{k: v[i] for k, v in fields.items()}) for i in range(parts)]
 
@@ -221,7 +221,7 @@ def _run_stage(run: RunConfig, index: int, ctx: StageContext, examples, accelera
     if final.exists() and ckpt.exists():  # a finished stage: restore its student, move on
         student = torch.load(ckpt, map_location="cpu", weights_only=True)["student"]
         ctx.nets.load_state("student", student)
-        return (final if ctx.nets.lora is not None else out / stage.name), student
+        return (final if ctx.nets.lora is not None else final.with_suffix("")), student
     trainer = StageTrainer(run, index, ctx, examples, accelerator)
     if ckpt.exists():
         start = trainer.load(ckpt)
@@ -298,8 +298,6 @@ def _init_student(nets: Networks, start_from: str, previous: dict | None) -> Non
             raise UserError(f"cannot start from {start_from}: {str(e).splitlines()[0][:200]}") from e
     else:  # a fresh LoRA: B = 0, so the student starts as the teacher
         nets.load_states({k: torch.zeros_like(v) if "lora_B" in k else v
-                          for k, v in nets.student_state().items()} if nets.lora is not None
+                          for k, v in nets.state("student").items()} if nets.lora is not None
                          else nets.state("teacher"))
 
-
-__all__ = ["distill", "StageTrainer", "StageConfig", "setup", "make_accelerator", "split_batch"]

@@ -129,11 +129,16 @@ class Networks:
             p.requires_grad_(any(f".{role}." in n for role in self._trainable))
 
     # ---- weights -----------------------------------------------------------------------
+    def _sharded(self, *roles: str) -> list:
+        """The FSDP wrappers of ``roles`` (for LoRA: of the shared UNet)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        keys = {"shared"} if self.lora is not None else set(roles)
+        return [m for k, m in self._callers.items() if k in keys and isinstance(m, FSDP)]
+
     def _full(self, *roles: str, writeback: bool = False):
         """Whole parameters of FSDP-wrapped roles for the duration of the block (else a no-op)."""
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        keys = {"shared"} if self.lora is not None else set(roles)
-        sharded = [m for k, m in self._callers.items() if k in keys and isinstance(m, FSDP)]
+        sharded = self._sharded(*roles)
         if not sharded:
             return nullcontext()
         if len(sharded) > 1:
@@ -172,9 +177,6 @@ class Networks:
             else:
                 set_peft_model_state_dict(self.unet, state, adapter_name=role)
 
-    def student_state(self) -> dict[str, torch.Tensor]:
-        return self.state("student")
-
     def load_states(self, student: dict, target: dict | None = None) -> None:
         """The student's weights, and the target's (default: the student's)."""
         self.load_state("student", student)
@@ -202,7 +204,7 @@ class Networks:
     def teacher_features(self, x, t, cond) -> list[torch.Tensor]:
         """The frozen teacher's encoder features (the adversarial term's backbone)."""
         from hypersd.distill.methods.adversarial import encoder_features
-        if self.lora is not None and not isinstance(self._full(), nullcontext):
+        if self.lora is not None and self._sharded():
             raise UserError("the adversarial term reads the teacher's encoder blocks, which FSDP "
                             "shards in a LoRA run: use data parallelism (DDP) for adversarial stages")
         if self.lora is None:

@@ -84,7 +84,7 @@ class Method:
         """Called after the optimizer step of ``phase`` (EMA updates and the like)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a checkpoint must hold to resume the method exactly (tensors only)."""
+        """What a checkpoint must hold, besides the student (the loop's), to resume exactly."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

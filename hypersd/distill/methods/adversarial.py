@@ -55,9 +55,17 @@ class _Head(nn.Sequential):
 
 @dataclass
 class AdversarialConfig:
+    """A stage's adversarial term (absent: none)."""
+
+    weight: float = 0.1            # λ: the student's loss is w·d(prediction, target) + λ·generator term
     loss: str = "hinge"            # "hinge" or "nonsaturating"
     conditional: bool = True       # heads see (x_t, candidate); False: the candidate alone
-    hidden: int = 64
+    lr: float = 1e-4               # the critic heads' learning rate
+    hidden: int = 64               # channels of each head
+
+    def __post_init__(self):
+        if self.loss not in ("hinge", "nonsaturating"):
+            raise ValueError(f"adversarial loss must be hinge or nonsaturating, not {self.loss!r}")
 
 
 class Discriminator(nn.Module):
@@ -104,31 +112,15 @@ def _map(cond: dict, fn) -> dict:
     return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in cond.items()}
 
 
-@dataclass
-class AdversarialSettings:
-    """A stage's adversarial term (absent: none)."""
-
-    weight: float = 0.1            # λ: the student's loss is w·d(prediction, target) + λ·generator term
-    loss: str = "hinge"            # "hinge" or "nonsaturating"
-    conditional: bool = True       # heads see (x_t, candidate); False: the candidate alone
-    lr: float = 1e-4               # the critic heads' learning rate
-    hidden: int = 64               # channels of each head
-
-    def __post_init__(self):
-        if self.loss not in ("hinge", "nonsaturating"):
-            raise ValueError(f"adversarial loss must be hinge or nonsaturating, not {self.loss!r}")
-
-
 class AdversarialTerm:
     """A fresh critic for one stage (re-initialised every stage, as Lightning does): the heads,
     their phase name, and the generator/critic losses on a candidate."""
 
     phase = "critic"
 
-    def __init__(self, cfg: AdversarialSettings, nets, probe):
+    def __init__(self, cfg: AdversarialConfig, nets, probe):
         self.cfg = cfg
-        self.disc = Discriminator(nets.teacher_features, (probe.latents, torch.tensor([999, 0]), probe.cond),
-                                  AdversarialConfig(loss=cfg.loss, conditional=cfg.conditional, hidden=cfg.hidden))
+        self.disc = Discriminator(nets.teacher_features, (probe.latents, torch.tensor([999, 0]), probe.cond), cfg)
         self._forward = self.disc
 
     def params(self) -> list[nn.Parameter]:

@@ -19,7 +19,7 @@ import torch
 from hypersd.distill.consistency import ConsistencyConfig, ConsistencyLoss, Draw
 from hypersd.distill.data import Batch
 from hypersd.distill.denoiser import Denoiser
-from hypersd.distill.methods.adversarial import AdversarialSettings, AdversarialTerm
+from hypersd.distill.methods.adversarial import AdversarialConfig, AdversarialTerm
 from hypersd.distill.protocol import Method, StageContext, register
 
 
@@ -39,7 +39,7 @@ class _Consistency:
     solver_points: int = 40            # the teacher's DDIM grid; must hold every segment edge
     ema_decay: float = 0.95            # μ of the target network
     distance_weight: float = 1.0       # w of d(prediction, target) in the student's loss
-    adversarial: AdversarialSettings | None = None  # the adversarial term (None: off)
+    adversarial: AdversarialConfig | None = None  # the adversarial term (None: off)
 
     segments = 1                       # k; a field where the method has segments
 
@@ -133,15 +133,14 @@ class ConsistencyMethod(Method):
         if phase == "student":
             self.ctx.nets.update_target(self.cfg.ema_decay)
 
-    def state_dict(self):
-        nets = self.ctx.nets
-        state = {"student": nets.state("student"), "target": nets.state("target")}
+    def state_dict(self):  # the student is the loop's to save
+        state = {"target": self.ctx.nets.state("target")}
         if self.critic:
             state["critic"] = self.critic.disc.heads.state_dict()
         return state
 
     def load_state_dict(self, state) -> None:
-        self.ctx.nets.load_states(state["student"], state["target"])
+        self.ctx.nets.load_state("target", state["target"])
         if self.critic:
             self.critic.disc.heads.load_state_dict(state["critic"])
 

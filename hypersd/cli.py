@@ -54,11 +54,23 @@ def _export_teacher(args) -> None:
         print(f"wrote {args.handoff} (step {step})")
 
 
+def _config_from_flags(config_cls, args):
+    """The dataclass from the flags ``_add_config_flags`` made (unset flags keep defaults)."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
 def _train_classifier(args) -> None:
     from hypersd.metrics.classifier import ClassifierConfig, train_classifier
-    fields = {f.name for f in dataclasses.fields(ClassifierConfig)}
-    cfg = ClassifierConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    print(f"wrote {train_classifier(cfg)}")
+    print(f"wrote {train_classifier(_config_from_flags(ClassifierConfig, args))}")
+
+
+def _train_reward(args) -> None:
+    from hypersd.rewards.mini import AdherenceConfig, train_adherence
+    from hypersd.rewards.structure import StructureConfig, train_structure
+    config, train = {"adherence": (AdherenceConfig, train_adherence),
+                     "structure": (StructureConfig, train_structure)}[args.kind]
+    print(f"wrote {train(_config_from_flags(config, args))}")
 
 
 def _eval(args) -> None:
@@ -231,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     from hypersd.metrics.classifier import ClassifierConfig
     _add_config_flags(c, ClassifierConfig)
     c.set_defaults(func=_train_classifier)
+
+    r = sub.add_parser("train-reward", help="train the mini world's reward network for feedback learning")
+    r.add_argument("kind", choices=["adherence", "structure"],
+                   help="adherence: the mini CLIP (image vs caption); structure: the foreground segmenter")
+    r.add_argument("--out-dir", dest="out_dir")
+    for flag, kind in (("steps", int), ("batch_size", int), ("lr", float), ("width", int), ("seed", int),
+                       ("threads", int)):
+        r.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind)
+    r.set_defaults(func=_train_reward)
 
     e = sub.add_parser("export-teacher", help="write a run's VAE + EMA UNet as the pipeline folder")
     e.add_argument("--run-dir", default="runs/teacher")

@@ -18,7 +18,11 @@ tcd-mini|tcd|1,2,4,8|TCD
 pcm-mini|hyper-sd|1,2,4,8|PCM (k=4)
 hyper-sd-mini-mse|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only)|Hyper-SD TSCD N-step LoRAs (MSE only)
 hyper-sd-mini-cfg|tscd-cfg|2,4,8|Hyper-SD TSCD, CFG kept (k=8,4)
-hyper-sd-mini-adv-small|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE + adversarial / 100)"
+hyper-sd-mini-adv-small|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE + adversarial / 100)
+hyper-sd-mini-dmd|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only) + DMD
+hyper-sd-mini-feedback|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only) + feedback
+hyper-sd-mini-feedback-dmd|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only) + feedback + DMD
+dmd2-mini|hyper-sd-unified|1,2,4,8|DMD2 (no GAN term)"
 
 while IFS='|' read -r name recipe steps label nstep; do
     if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi

@@ -45,8 +45,10 @@ def test_build_is_deterministic_and_round_trips(tmp_path):
     assert loaded.captions == ["grinning face", "thumbs up sign", "thumbs up sign: medium skin tone",
                                "red apple"]
     assert loaded.images.shape == (4, 32, 32, 3)
-    # composited on white: the corners of every image are white
+    # composited on white: the corners of every image are white, and outside the mask
     assert (loaded.images[:, 0, 0] == 255).all()
+    assert loaded.masks.shape == (4, 32, 32) and (loaded.masks[:, 0, 0] == 0).all()
+    assert (loaded.masks[:, 12, 16] == 255).all()  # inside every painted rectangle
     # a skin-tone variant shares its base emoji, hence its split
     assert loaded.base[1] == loaded.base[2] and loaded.split[1] == loaded.split[2]
 
@@ -64,6 +66,9 @@ def test_committed_dataset():
     assert not by_split["distill"] & by_split["eval"], "a base emoji is in both splits"
     assert 0.07 < len(by_split["eval"]) / len(set(data.base)) < 0.13
     assert set(data.prompts("eval")).isdisjoint(data.prompts("distill"))
+    # the foreground masks: transparent pixels were composited to white
+    assert data.masks.shape == (3786, 32, 32)
+    assert (data.images[data.masks == 0] == 255).all()
 
 
 def test_unknown_split_is_refused():

@@ -104,3 +104,15 @@ def test_imagereward_scores_depend_on_prompt_and_image(tiny_blip):
 def test_imagereward_missing_checkpoint_names_it(tmp_path):
     with pytest.raises(UserError, match="ImageReward.pt"):
         ImageReward.from_pretrained(str(tmp_path / "ImageReward.pt"))
+
+
+def test_imagereward_as_a_reward_passes_gradients_to_the_images(tiny_blip):
+    from hypersd.rewards.real import ImageRewardReward
+    torch.manual_seed(1)
+    metric = ImageReward(tiny_blip, _tokenizer(), AestheticHead(32))
+    reward = ImageRewardReward(metric, torch.nn.ModuleList([metric.blip, metric.head])).frozen()
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    r = reward.score(x, ["a red apple", "a rocket"])
+    assert r.shape == (2,) and torch.isfinite(r).all()
+    r.sum().backward()
+    assert x.grad.abs().sum() > 0

@@ -56,3 +56,38 @@ def test_missing_weights_name_what_is_missing(tmp_path):
         AestheticScore.from_pretrained(str(tmp_path / "missing.pth"))
     with pytest.raises(UserError, match="CLIP"):
         ClipScore.from_pretrained(str(tmp_path / "no-clip"))
+
+
+def test_tensor_preprocessing_agrees_with_pil_and_passes_gradients():
+    from hypersd.metrics.real import clip_tensor
+    pil = _images()[0].crop((0, 0, 32, 32))
+    x = torch.from_numpy(np.asarray(pil, np.float32) / 127.5 - 1).permute(2, 0, 1)[None].requires_grad_(True)
+    torch.testing.assert_close(clip_tensor(x, 32), clip_pixels([pil], 32), atol=1e-5, rtol=1e-5)
+    wide = torch.rand(1, 3, 40, 64) * 2 - 1
+    assert clip_tensor(wide, 32).shape == (1, 3, 32, 32)
+    clip_tensor(x, 24).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["clip", "aesthetic"])
+def test_real_rewards_score_like_their_metric_and_pass_gradients(tiny_clip, kind):
+    from hypersd.rewards.real import AestheticReward, ClipReward
+    if kind == "clip":
+        metric = ClipScore(tiny_clip, _tokenizer())
+        reward, expected = ClipReward(metric, metric.model).frozen(), lambda imgs, p: metric(imgs, p) / 100
+    else:
+        metric = AestheticScore(tiny_clip, AestheticHead(16))
+        reward, expected = AestheticReward(metric, torch.nn.ModuleList([metric.model, metric.head])).frozen(), metric
+    pils = [img.crop((0, 0, 32, 32)) for img in _images()]
+    x = torch.stack([torch.from_numpy(np.asarray(p, np.float32) / 127.5 - 1).permute(2, 0, 1) for p in pils])
+    x.requires_grad_(True)
+    prompts = ["a cat", "a dog", "a red apple"]
+    r = reward.score(x, prompts)
+    want = torch.as_tensor(expected(pils, prompts))
+    if kind == "clip":  # the metric clamps negative cosines at 0
+        r_cmp = r.detach().clamp(min=0)
+    else:
+        r_cmp = r.detach()
+    torch.testing.assert_close(r_cmp, want.float(), atol=1e-4, rtol=1e-4)
+    r.sum().backward()
+    assert x.grad.abs().sum() > 0 and not any(p.requires_grad for p in reward.parameters())

@@ -46,6 +46,7 @@ class Emoji32:
     captions: list[str]
     base: list[str]  # code point of the base emoji, shared by its skin-tone variants
     split: list[str]  # "distill" or "eval"
+    masks: np.ndarray | None = None  # uint8 (N, 32, 32): each source image's alpha, downsampled
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -79,11 +80,13 @@ def _split_of(name: str) -> str:
     return "eval" if bucket < EVAL_FRACTION else "distill"
 
 
-def _to32(png_bytes: bytes) -> np.ndarray:
+def _to32(png_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The image on white, and its alpha (the foreground mask), both at 32x32."""
     rgba = Image.open(io.BytesIO(png_bytes)).convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, rgba).convert("RGB")
-    return np.asarray(rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS), dtype=np.uint8)
+    small = lambda im: np.asarray(im.resize((SIZE, SIZE), Image.Resampling.LANCZOS), dtype=np.uint8)  # noqa: E731
+    return small(rgb), small(rgba.getchannel("A"))
 
 
 def fetch_package(dest: Path) -> Path:
@@ -107,7 +110,7 @@ def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path = DEFAU
             read = lambda name: tar.extractfile(members[name]).read()  # noqa: E731
             records = json.loads(read("package/emoji.json"))
             records.sort(key=lambda r: (r["sort_order"], r["unified"]))
-            images, captions, bases, splits = [], [], [], []
+            images, masks, captions, bases, splits = [], [], [], [], []
             for rec in records:
                 if not rec.get("has_img_google"):
                     continue
@@ -116,25 +119,39 @@ def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path = DEFAU
                     path = f"package/img/google/64/{var['image']}"
                     if path not in members or not var.get("has_img_google", True):
                         continue
-                    images.append(_to32(read(path)))
+                    image, mask = _to32(read(path))
+                    images.append(image)
+                    masks.append(mask)
                     captions.append(_caption(rec["name"], tone))
                     bases.append(rec["unified"])
                     splits.append(_split_of(_caption(rec["name"], None)))
-    data = Emoji32(np.stack(images), captions, bases, splits)
+    data = Emoji32(np.stack(images), captions, bases, splits, np.stack(masks))
     save_emoji32(data, out_dir)
     return data
+
+
+def _atlas(tiles: np.ndarray, fill: int) -> Image.Image:
+    rows = -(-len(tiles) // ATLAS_COLUMNS)
+    atlas = np.full((rows * SIZE, ATLAS_COLUMNS * SIZE, *tiles.shape[3:]), fill, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, ATLAS_COLUMNS)
+        atlas[r * SIZE:(r + 1) * SIZE, c * SIZE:(c + 1) * SIZE] = tile
+    return Image.fromarray(atlas)
+
+
+def _tiles(atlas: np.ndarray, n: int) -> np.ndarray:
+    s, cols = SIZE, ATLAS_COLUMNS
+    return np.stack([atlas[(i // cols) * s:(i // cols + 1) * s, (i % cols) * s:(i % cols + 1) * s]
+                     for i in range(n)])
 
 
 def save_emoji32(data: Emoji32, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(data)
-    rows = -(-n // ATLAS_COLUMNS)
-    atlas = np.full((rows * SIZE, ATLAS_COLUMNS * SIZE, 3), 255, np.uint8)
-    for i, img in enumerate(data.images):
-        r, c = divmod(i, ATLAS_COLUMNS)
-        atlas[r * SIZE:(r + 1) * SIZE, c * SIZE:(c + 1) * SIZE] = img
-    Image.fromarray(atlas).save(out_dir / "images.png", optimize=True)
+    _atlas(data.images, 255).save(out_dir / "images.png", optimize=True)
+    if data.masks is not None:
+        _atlas(data.masks, 0).save(out_dir / "masks.png", optimize=True)
     index = {
         "source": f"{PACKAGE}@{VERSION}", "size": SIZE, "columns": ATLAS_COLUMNS, "count": n,
         "records": [{"caption": c, "base": b, "split": s}
@@ -149,10 +166,12 @@ def load_emoji32(path: str | Path = DEFAULT_DIR) -> Emoji32:
     if not (path / "index.json").exists():
         raise FileNotFoundError(f"no emoji32 dataset at {path}: run `hypersd data`")
     index = json.loads((path / "index.json").read_text())
-    atlas = np.asarray(Image.open(path / "images.png").convert("RGB"))
-    s, cols = index["size"], index["columns"]
-    images = np.stack([atlas[(i // cols) * s:(i // cols + 1) * s, (i % cols) * s:(i % cols + 1) * s]
-                       for i in range(index["count"])])
-    recs = index["records"]
+    if (index["size"], index["columns"]) != (SIZE, ATLAS_COLUMNS):
+        raise ValueError(f"{path}: an atlas of {index['size']} px tiles in {index['columns']} columns "
+                         f"is not emoji32's ({SIZE}, {ATLAS_COLUMNS})")
+    n, recs = index["count"], index["records"]
+    images = _tiles(np.asarray(Image.open(path / "images.png").convert("RGB")), n)
+    masks = (_tiles(np.asarray(Image.open(path / "masks.png").convert("L")), n)
+             if (path / "masks.png").exists() else None)
     return Emoji32(images, [r["caption"] for r in recs], [r["base"] for r in recs],
-                   [r["split"] for r in recs])
+                   [r["split"] for r in recs], masks)

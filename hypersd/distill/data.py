@@ -50,13 +50,11 @@ def encode_text(pipe, prompts: list[str], batch: int = 256) -> dict:
     return cond
 
 
-def _index(cond: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx`` of every tensor of a (nested) conditioning dict."""
-    return {k: _index(v, idx) if isinstance(v, dict) else v[idx] for k, v in cond.items()}
-
-
-def _expand(cond: dict, n: int) -> dict:
-    return {k: _expand(v, n) if isinstance(v, dict) else v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+def map_cond(fn, *conds: dict) -> dict:
+    """``fn`` applied to the matching tensors of one or more (nested) conditioning dicts:
+    ``map_cond(lambda v: v[idx], cond)``, ``map_cond(lambda a, b: torch.cat([a, b]), u, c)``."""
+    return {k: map_cond(fn, *(c[k] for c in conds)) if isinstance(v, dict) else fn(*(c[k] for c in conds))
+            for k, v in conds[0].items()}
 
 
 class Prompts:
@@ -77,7 +75,8 @@ class Prompts:
 
     def sample(self, n: int, g: torch.Generator) -> Batch:
         idx = torch.randint(len(self), (n,), generator=g)
-        return Batch([self.prompts[i] for i in idx], _index(self.cond, idx), _expand(self.uncond, n),
+        return Batch([self.prompts[i] for i in idx], map_cond(lambda v: v[idx], self.cond),
+                     map_cond(lambda v: v.expand(n, *v.shape[1:]), self.uncond),
                      self._latents(idx, g))
 
     def _latents(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hypersd.distill.data import map_cond
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -41,6 +43,18 @@ def to_x0_eps(out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, predict
     raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")
 
 
+def native(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What a network of the given parameterisation outputs for (x₀, ε) at ᾱ: its training target."""
+    a = _bcast(alpha, x0)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
 class Denoiser:
     """Wraps a UNet2DConditionModel; ``cond`` holds its keyword inputs (SD: encoder_hidden_states;
     SDXL also added_cond_kwargs)."""
@@ -62,7 +76,7 @@ class Denoiser:
         if uncond is None or guidance is None:
             out = self.unet(x_t, t, **cond).sample
             return to_x0_eps(out, x_t, self.alpha(t), self.prediction_type)
-        both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **_cat_cond(uncond, cond)).sample
+        both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **cat_cond(uncond, cond)).sample
         u, c = both.chunk(2)
         w = _bcast(torch.as_tensor(guidance, dtype=torch.float64).expand(len(x_t)), x_t)
         return to_x0_eps(u + w * (c - u), x_t, self.alpha(t), self.prediction_type)
@@ -82,11 +96,6 @@ class Denoiser:
         return x
 
 
-def _cat_cond(a: dict, b: dict) -> dict:
-    out = {}
-    for key in a:
-        if isinstance(a[key], dict):
-            out[key] = _cat_cond(a[key], b[key])
-        else:
-            out[key] = torch.cat([a[key], b[key]])
-    return out
+def cat_cond(*conds: dict) -> dict:
+    """Conditioning dicts concatenated along the batch."""
+    return map_cond(lambda *v: torch.cat(v), *conds)

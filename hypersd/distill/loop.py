@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
@@ -55,9 +55,12 @@ def lora_config(run: RunConfig) -> LoraConfig | None:
 
 def make_accelerator(run: RunConfig) -> Accelerator:
     """One accelerator per run; ``accelerate launch`` (or torchrun) decides the processes."""
+    registry = methods()
+    unused = any(registry[s.method].method.unused_parameters for s in run.stages)
     return Accelerator(cpu=not torch.cuda.is_available(),  # cpu: gloo across CPU processes
                        mixed_precision=run.mixed_precision, log_with="tensorboard",
-                       project_dir=run.output_dir, gradient_accumulation_steps=run.gradient_accumulation)
+                       project_dir=run.output_dir, gradient_accumulation_steps=run.gradient_accumulation,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
 
 
 def setup(run: RunConfig, accelerator: Accelerator, examples=None, pipe=None):
@@ -71,7 +74,8 @@ def setup(run: RunConfig, accelerator: Accelerator, examples=None, pipe=None):
     set_seed(run.seed)  # the LoRA's random A matrices: the same on every process
     nets = Networks(pipe.unet, lora_config(run))
     ctx = StageContext(nets, pipe.scheduler.alphas_cumprod.double(), pipe.scheduler.config.prediction_type,
-                       run.offset_noise, probe=examples.sample(2, torch.Generator().manual_seed(0)))
+                       run.offset_noise, probe=examples.sample(2, torch.Generator().manual_seed(0)),
+                       data=examples, vae=pipe.vae.requires_grad_(False))
     return pipe, examples, ctx
 
 
@@ -112,14 +116,18 @@ class StageTrainer:
         self.modules = self._prepare(self.method.modules())
 
     def _prepare(self, modules: dict) -> dict:
+        """Each distinct module is prepared once (phases may train parts of one module)."""
         phases = list(self.optimizers)
-        objs = [modules[ph] for ph in phases] + [self.optimizers[ph] for ph in phases]
+        unique = list({id(modules[ph]): modules[ph] for ph in phases}.values())
+        objs = unique + [self.optimizers[ph] for ph in phases]
         prepared = self.accelerator.prepare(*objs)
         prepared = prepared if isinstance(prepared, (list, tuple)) else (prepared,)
-        self.optimizers = dict(zip(phases, prepared[len(phases):]))
-        for phase, module in zip(phases, prepared[:len(phases)]):
+        self.optimizers = dict(zip(phases, prepared[len(unique):]))
+        by_id = {id(m): w for m, w in zip(unique, prepared[:len(unique)])}
+        wrapped = {ph: by_id[id(modules[ph])] for ph in phases}
+        for phase, module in wrapped.items():
             self.method.wrapped(phase, module)
-        return dict(zip(phases, prepared[:len(phases)]))
+        return wrapped
 
     def sample(self, step: int):
         """The step's examples and every random draw the method makes, from one generator."""
@@ -231,6 +239,7 @@ def _run_stage(run: RunConfig, index: int, ctx: StageContext, examples, accelera
         _init_student(ctx.nets, stage.start_from, previous)
     began = time.time()
     _train(trainer, start, ckpt)
+    trainer.method.close()
     info = {"base_model": run.model, "method": stage.method, **trainer.method.export_info(),
             "stage": stage.name, "train_steps": stage.steps, "mixed_precision": run.mixed_precision,
             "seconds": round(time.time() - began, 1)}
@@ -245,18 +254,19 @@ def _train(trainer: StageTrainer, start: int, ckpt: Path) -> None:
     run, stage, acc = trainer.run, trainer.stage, trainer.accelerator
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=stage.name,
                disable=not acc.is_local_main_process)
-    avg = None
+    avg, latest = None, {}  # latest: each key's last value (phases need not run every step)
     for step in bar:
         try:
             logs = trainer.step(step)
         except NonFiniteLoss as e:
             raise UserError(f"stage {stage.name}: {e}; the last good checkpoint is "
                             f"{ckpt if ckpt.exists() else 'none'} (lower lr?)") from None
+        latest.update(logs)
         loss = next(v for k, v in logs.items() if k.startswith("loss/"))
         avg = loss if avg is None else 0.95 * avg + 0.05 * loss
         bar.set_postfix(loss=f"{avg:.4g}")
         if (step + 1) % run.log_every == 0:
-            acc.log({f"{stage.name}/{k}": v for k, v in logs.items()}, step=step + 1)
+            acc.log({f"{stage.name}/{k}": v for k, v in latest.items()}, step=step + 1)
         if (step + 1) % run.checkpoint_every == 0 or step + 1 == stage.steps:
             trainer.save(ckpt, step + 1)
 

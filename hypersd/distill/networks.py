@@ -78,6 +78,20 @@ class Networks:
         self._set_requires_grad()
         return self.view(role)
 
+    def drop_role(self, role: str) -> None:
+        """Remove a role a method added (its adapter or copy)."""
+        if role in ("teacher", "student", "target"):
+            raise ValueError(f"role {role!r} belongs to every stage")
+        if self.lora is None:
+            del self._modules[role]
+        else:
+            with warnings.catch_warnings():  # peft names a new active adapter; activate() decides
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                self.unet.delete_adapters(role)
+            self._layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        self._trainable.discard(role)
+        self._set_requires_grad()
+
     def _add_adapter(self, role: str) -> None:
         with warnings.catch_warnings():  # several adapters on one model are the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")

@@ -41,12 +41,17 @@ class StageContext:
     prediction_type: str               # "epsilon" | "v_prediction" | "sample"
     offset_noise: float = 0.0          # noise perturbation [Hyper-SD §3.1, offset noise]
     probe: Batch | None = None         # two examples, for shape-dependent set-up (critic heads)
+    data: Any = None                   # the run's examples (``Prompts``), for methods that precompute
+    vae: Any = None                    # the base model's VAE, for methods that score decoded images
 
 
 class Method:
     """Base class of the distillation methods; subclasses override what they need."""
 
     needs_images = True                # False: trains from prompts alone
+    unused_parameters = False          # True: a phase leaves some trainable parameters without a
+                                       # gradient (two trainable roles on one module), which DDP
+                                       # must then look for (``find_unused_parameters``)
 
     def __init__(self, cfg, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx
@@ -90,6 +95,9 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def close(self) -> None:
+        """Called when the stage ends: remove the roles the method added."""
+
     def export_info(self) -> dict[str, Any]:
         """The inference recipe that serves the student and the step counts it serves."""
         raise NotImplementedError
@@ -97,6 +105,20 @@ class Method:
     def passes(self, example) -> dict[str, Callable[[], None]]:
         """Each network pass of a step on ``example``, runnable alone (``hypersd bench train-cost``)."""
         return {}
+
+
+def no_grad_pass(fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` run without gradient: a pass for ``Method.passes``."""
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
+def clear_grads(params) -> None:
+    """Drop the gradients a timed backward pass left (``Method.passes``)."""
+    for p in params:
+        p.grad = None
 
 
 @dataclass(frozen=True)

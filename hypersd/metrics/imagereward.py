@@ -97,9 +97,16 @@ class ImageReward:
         head.load_state_dict(head_state)
         return cls(model, tokenizer, head)
 
+    @property
+    def size(self) -> int:
+        return self.blip.config.vision_config.image_size
+
     @torch.no_grad()
     def __call__(self, images, prompts: list[str]) -> np.ndarray:
-        pixels = clip_pixels(images, self.blip.config.vision_config.image_size)
+        return self.reward(clip_pixels(images, self.size), prompts).numpy()
+
+    def reward(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The standardised reward of preprocessed pixels, differentiable in the pixels."""
         image_tokens = self.blip.vision_model(pixel_values=pixels).last_hidden_state
         ids = self.tokenizer(prompts, padding="max_length", truncation=True,
                              max_length=MAX_TOKENS, return_tensors="pt")
@@ -108,7 +115,7 @@ class ImageReward:
             encoder_hidden_states=image_tokens,
             encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long))
         reward = self.head(text.last_hidden_state[:, 0]).squeeze(-1)
-        return ((reward - REWARD_MEAN) / REWARD_STD).numpy()
+        return (reward - REWARD_MEAN) / REWARD_STD
 
 
 def published_layout(model: nn.Module, head: AestheticHead) -> dict[str, torch.Tensor]:

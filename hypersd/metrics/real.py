@@ -44,6 +44,19 @@ def clip_pixels(images, size: int) -> torch.Tensor:
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
+def clip_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP preprocessing of images in [-1, 1] (N, 3, H, W), differentiable: bicubic resize of
+    the short side, centre crop, normalise (``clip_pixels`` for tensors, for rewards)."""
+    x = (images.float() + 1) / 2
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
+                      align_corners=False, antialias=True)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
 def _embeds(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -60,17 +73,24 @@ class ClipScore:
         return cls(_load("CLIP", CLIPModel.from_pretrained, source),
                    _load("CLIP tokenizer", AutoTokenizer.from_pretrained, source))
 
-    @torch.no_grad()
-    def __call__(self, images, prompts: list[str]) -> np.ndarray:
-        size = self.model.config.vision_config.image_size
-        img = _embeds(self.model.get_image_features(pixel_values=clip_pixels(images, size)))
+    @property
+    def size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def cosine(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """cos(image, prompt) of preprocessed pixels, differentiable in the pixels."""
+        img = _embeds(self.model.get_image_features(pixel_values=pixels))
         ids = self.tokenizer(prompts, padding=True, truncation=True,
                              max_length=self.model.config.text_config.max_position_embeddings,
                              return_tensors="pt")
-        txt = _embeds(self.model.get_text_features(input_ids=ids.input_ids,
-                                                   attention_mask=ids.attention_mask))
-        cos = F.cosine_similarity(img, txt, dim=-1)
-        return (100 * cos.clamp(min=0)).numpy()
+        with torch.no_grad():
+            txt = _embeds(self.model.get_text_features(input_ids=ids.input_ids,
+                                                       attention_mask=ids.attention_mask))
+        return F.cosine_similarity(img, txt, dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        return (100 * self.cosine(clip_pixels(images, self.size), prompts).clamp(min=0)).numpy()
 
 
 class AestheticHead(nn.Module):
@@ -107,8 +127,15 @@ class AestheticScore:
         head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
         return cls(model, head)
 
+    @property
+    def size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The score of preprocessed pixels, differentiable in the pixels."""
+        img = _embeds(self.model.get_image_features(pixel_values=pixels))
+        return self.head(F.normalize(img, dim=-1)).squeeze(-1)
+
     @torch.no_grad()
     def __call__(self, images, prompts: list[str] | None = None) -> np.ndarray:
-        size = self.model.config.vision_config.image_size
-        img = _embeds(self.model.get_image_features(pixel_values=clip_pixels(images, size)))
-        return self.head(F.normalize(img, dim=-1)).squeeze(-1).numpy()
+        return self.predict(clip_pixels(images, self.size)).numpy()

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hypersd.distill.data import map_cond
+
 
 def encoder_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> list[torch.Tensor]:
     """Outputs of each down block and of the mid block of a UNet2DConditionModel."""
@@ -101,15 +103,11 @@ class Discriminator(nn.Module):
         """
         two = lambda v: torch.cat([v, v])  # noqa: E731
         logits = (forward or self)(torch.cat([real.detach(), fake.detach()]), two(t_end), two(x_t), two(t),
-                                   _map(cond, two))
+                                   map_cond(two, cond))
         real_logits, fake_logits = logits.chunk(2)
         if self.cfg.loss == "hinge":
             return F.relu(1 - real_logits) + F.relu(1 + fake_logits)
         return F.softplus(-real_logits) + F.softplus(fake_logits)
-
-
-def _map(cond: dict, fn) -> dict:
-    return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in cond.items()}
 
 
 class AdversarialTerm:

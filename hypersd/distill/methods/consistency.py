@@ -20,7 +20,7 @@ from hypersd.distill.consistency import ConsistencyConfig, ConsistencyLoss, Draw
 from hypersd.distill.data import Batch
 from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.methods.adversarial import AdversarialConfig, AdversarialTerm
-from hypersd.distill.protocol import Method, StageContext, register
+from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,10 @@ class ConsistencyMethod(Method):
 
         def student():
             self.student(x, t, cond, *guided).x0.float().pow(2).mean().backward()
-            _clear(params)
+            clear_grads(params)
 
-        passes = {"teacher": _no_grad(lambda: self.teacher(x, t, cond, *teach)),
-                  "target": _no_grad(lambda: self.target(x, t, cond, *guided)), "student_fwd_bwd": student}
+        passes = {"teacher": no_grad_pass(lambda: self.teacher(x, t, cond, *teach)),
+                  "target": no_grad_pass(lambda: self.target(x, t, cond, *guided)), "student_fwd_bwd": student}
         if self.critic:
             passes.update(self._critic_passes(x, t, cond))
         return passes
@@ -176,20 +176,8 @@ class ConsistencyMethod(Method):
 
         def critic():
             self.critic.critic_loss(x, x, t, x, t, cond).backward()
-            _clear(heads)
+            clear_grads(heads)
         return {"generator_term_fwd_bwd": generator_term, "critic_fwd_bwd": critic}
-
-
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            fn()
-    return run
-
-
-def _clear(params) -> None:
-    for p in params:
-        p.grad = None
 
 
 register("lcm", LCMConfig, ConsistencyMethod)

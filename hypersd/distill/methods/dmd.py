@@ -1,0 +1,258 @@
+"""Distribution matching distillation as a method: Hyper-SD's one-step enhancement, and DMD2.
+
+A one-step generator G (the student, fed pure noise labelled with ``input_timestep``) learns
+from two score models of its noised outputs: the frozen teacher with CFG (the real score) and
+a trainable fake score (a second adapter on the same UNet, starting as the teacher) that keeps
+fitting G's current outputs with the ordinary denoising loss. At x = G(z) noised to
+x_t = √ᾱ_t x + √(1-ᾱ_t) ε, t ~ U[t_min, t_max]:
+
+    grad = (x̂₀_fake - x̂₀_real) / mean|x - x̂₀_real|     (per example, DMD2's normalisation)
+    L_dm = ½‖x - sg(x - grad)‖²                          (so ∂L_dm/∂x = grad)
+
+With ``regression_weight`` > 0 the generator also regresses onto the teacher's multi-step
+outputs from the same noise, ‖G(z') - ODE_teacher(z')‖², on a pool of (prompt, noise) pairs
+solved once when the stage starts (DMD's regression loss; Hyper-SD's MSE regulariser).
+With ``rewards`` the generator's images (decoded) are also scored by reward models, as in
+feedback learning (Hyper-SD trains its one-step enhancement with the feedback terms). The
+fake score takes a step every optimizer step, the generator every ``update_ratio`` steps
+(DMD2's two time-scale update rule).
+
+[DMD, Yin et al. CVPR 2024, §3; DMD2, Yin et al. NeurIPS 2024, §4.1-4.2; Hyper-SD §3.3.]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hypersd.distill.data import Batch, map_cond
+from hypersd.distill.denoiser import Denoiser, cat_cond, native
+from hypersd.distill.methods.feedback import RewardLoss, RewardTerm
+from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
+from hypersd.distill.schedule import T, multistep_path
+
+
+@dataclass
+class DMDConfig:
+    """One-step enhancement of a student by distribution matching [Hyper-SD §3.3]."""
+
+    real_guidance: float = 3.0         # the teacher's CFG scale as the real score (<= 1: none)
+    update_ratio: int = 5              # fake-score steps per generator step (DMD2: 5)
+    fake_lr: float | None = None       # the fake score's learning rate (None: the stage's lr)
+    t_range: tuple[int, int] = (20, 980)  # where G's outputs are noised (DMD2: 0.02T to 0.98T)
+    input_timestep: int = 999          # the timestep label of G's pure-noise input
+    dm_weight: float = 1.0             # weight of L_dm
+    regression_weight: float = 0.25    # weight of the regression onto the teacher (0: none)
+    pool_size: int = 512               # (prompt, noise) pairs the teacher solves for the regression
+    pool_steps: int = 25               # the teacher's DDIM steps for each pair
+    pool_seed: int = 0
+    rewards: list[RewardTerm] = field(default_factory=list)  # feedback terms on G's images
+    recipe: str = "hyper-sd-unified"   # how the student is sampled
+    steps_served: str = "1-8"
+
+    def __post_init__(self):
+        lo, hi = self.t_range
+        if not 0 <= lo <= hi < T:
+            raise ValueError(f"t_range must lie in [0, {T - 1}], got {self.t_range}")
+        if self.update_ratio < 1:
+            raise ValueError("update_ratio must be at least 1")
+        if not 0 <= self.input_timestep < T:
+            raise ValueError(f"input_timestep must lie in [0, {T - 1}]")
+        self.rewards = [r if isinstance(r, RewardTerm) else RewardTerm(**r) for r in self.rewards]
+
+
+@dataclass
+class DMD2Config(DMDConfig):
+    """DMD2: distribution matching from the teacher directly, no regression [DMD2 §4]."""
+
+    regression_weight: float = 0.0
+    steps_served: str = "1"
+
+
+@dataclass
+class DMDDraw:
+    """Every random draw of one step, batch-first."""
+
+    prompts: list[str]
+    cond: dict
+    uncond: dict
+    z: torch.Tensor                    # G's input noise
+    t: torch.Tensor                    # where G's output is noised for L_dm
+    eps: torch.Tensor
+    t_fake: torch.Tensor               # and for the fake score's denoising loss
+    eps_fake: torch.Tensor
+    reg_z: torch.Tensor | None = None  # regression pairs from the pool (None: no regression)
+    reg_x0: torch.Tensor | None = None
+    reg_cond: dict | None = None
+    generated: torch.Tensor | None = None  # G(z), detached, set by the generator phase
+
+
+@dataclass
+class Pool:
+    z: torch.Tensor
+    x0: torch.Tensor
+    cond: dict
+
+
+class DMDMethod(Method):
+    """Phases "student" (the generator, every ``update_ratio`` steps) and "fake" (every step)."""
+
+    needs_images = False
+    unused_parameters = True           # student and fake score are two adapters of one UNet
+
+    def __init__(self, cfg: DMDConfig, ctx: StageContext):
+        super().__init__(cfg, ctx)
+        ctx.nets.add_role("fake", trainable=True)  # starts as the teacher [DMD §3.2]
+        self.student, self.teacher, self.fake = (Denoiser(ctx.nets.view(r), ctx.alphas, ctx.prediction_type)
+                                                 for r in ("student", "teacher", "fake"))
+        config = ctx.nets.unet.config
+        self.shape = (config.in_channels, config.sample_size, config.sample_size)
+        self.pool = self._teacher_pool() if cfg.regression_weight else None
+        self.rewards = RewardLoss(cfg.rewards, ctx.vae) if cfg.rewards else None
+        if self.rewards is not None and self.rewards.needs_references:
+            raise ValueError("DMD trains from prompts: its reward terms cannot compare with real images")
+
+    # ---- the protocol --------------------------------------------------------------------
+    def phases(self, step: int) -> list[str]:
+        return ["student", "fake"] if step % self.cfg.update_ratio == 0 else ["fake"]
+
+    def params(self):
+        return {role: self.ctx.nets.trainable(role) for role in ("student", "fake")}
+
+    def modules(self):
+        return {role: self.ctx.nets.module(role) for role in ("student", "fake")}
+
+    def wrapped(self, phase: str, module) -> None:
+        self.ctx.nets.use_wrapped(phase, module)
+
+    def optimizer_settings(self, lr: float):
+        return {"student": {"lr": lr}, "fake": {"lr": self.cfg.fake_lr or lr}}
+
+    def sample(self, batch: Batch, g: torch.Generator) -> DMDDraw:
+        n, (lo, hi) = len(batch.prompts), self.cfg.t_range
+        dev = batch.cond["encoder_hidden_states"].device
+        noise = lambda: torch.randn(n, *self.shape, generator=g).to(dev)  # noqa: E731
+        d = DMDDraw(batch.prompts, batch.cond, batch.uncond, z=noise(), t=torch.randint(lo, hi + 1, (n,), generator=g).to(dev),
+                    eps=noise(), t_fake=torch.randint(0, T, (n,), generator=g).to(dev), eps_fake=noise())
+        if self.pool is not None:
+            idx = torch.randint(len(self.pool.z), (n,), generator=g)
+            d.reg_z, d.reg_x0 = self.pool.z[idx].to(dev), self.pool.x0[idx].to(dev)
+            d.reg_cond = map_cond(lambda v: v[idx].to(dev), self.pool.cond)
+        return d
+
+    def loss(self, phase: str, d: DMDDraw):
+        return self._fake_loss(d) if phase == "fake" else self._generator_loss(d)
+
+    def state_dict(self):
+        return {"fake": self.ctx.nets.state("fake")}
+
+    def load_state_dict(self, state) -> None:
+        self.ctx.nets.load_state("fake", state["fake"])
+
+    def close(self) -> None:
+        self.ctx.nets.drop_role("fake")
+
+    def export_info(self):
+        cfg = self.cfg
+        return {"recipe": cfg.recipe, "steps_served": cfg.steps_served, "input_timestep": cfg.input_timestep}
+
+    # ---- losses --------------------------------------------------------------------------
+    def generate(self, z: torch.Tensor, cond: dict) -> torch.Tensor:
+        """G(z): the student's x̂₀ from pure noise at the input timestep."""
+        t = torch.full((len(z),), self.cfg.input_timestep, device=z.device)
+        return self.student(z, t, cond).x0
+
+    def _generator_loss(self, d: DMDDraw):
+        n, cfg = len(d.z), self.cfg
+        if self.pool is None:
+            x = self.generate(d.z, d.cond)
+        else:  # one forward for both losses
+            x = self.generate(torch.cat([d.z, d.reg_z]), cat_cond(d.cond, d.reg_cond))
+        d.generated = x[:n].detach()
+        dm, logs = self._distribution_matching(x[:n], d)
+        loss = cfg.dm_weight * dm
+        if self.pool is not None:
+            reg = F.mse_loss(x[n:].float(), d.reg_x0.float())
+            loss = loss + cfg.regression_weight * reg
+            logs["regression"] = reg.item()
+        if self.rewards is not None:
+            feedback, reward_logs = self.rewards(x[:n], d.prompts)
+            loss, logs = loss + feedback, {**logs, **reward_logs}
+        return loss, logs
+
+    def _distribution_matching(self, x: torch.Tensor, d: DMDDraw):
+        """½‖x - sg(x - grad)‖², grad = (x̂₀_fake - x̂₀_real) / mean|x - x̂₀_real|."""
+        with torch.no_grad():
+            x_t = self._noised(x.detach(), d.t, d.eps)
+            guided = (d.uncond, self.cfg.real_guidance) if self.cfg.real_guidance > 1 else ()
+            real = self.teacher(x_t, d.t, d.cond, *guided).x0
+            fake = self.fake(x_t, d.t, d.cond).x0
+            dims = tuple(range(1, x.ndim))
+            scale = (x.detach() - real).abs().mean(dim=dims, keepdim=True)
+            grad = torch.nan_to_num((fake - real) / scale)
+        loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
+        return loss, {"dm": loss.item(), "dm_grad": grad.abs().mean().item(), "t": d.t.float().mean().item()}
+
+    def _fake_loss(self, d: DMDDraw):
+        """The fake score's denoising loss on G's current outputs, in its own parameterisation."""
+        x = d.generated
+        if x is None:
+            with torch.no_grad():
+                x = self.generate(d.z, d.cond)
+        a = self.fake.alpha(d.t_fake)
+        pred = self.fake(self._noised(x, d.t_fake, d.eps_fake), d.t_fake, d.cond)
+        kind = self.ctx.prediction_type
+        loss = F.mse_loss(native(pred.x0, pred.eps, a, kind).float(), native(x, d.eps_fake, a, kind).float())
+        return loss, {"fake": loss.item()}
+
+    def _noised(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        a = self.teacher.alpha(t).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return a.sqrt() * x + (1 - a).sqrt() * eps
+
+    @torch.no_grad()
+    def _teacher_pool(self, chunk: int = 64) -> Pool:
+        """(prompt, noise) pairs and the teacher's ``pool_steps``-step guided DDIM solve of each,
+        from pure noise at T to the clean image; the same pairs on every run of the stage."""
+        cfg, data = self.cfg, self.ctx.data
+        if data is None:
+            raise ValueError("the regression pool needs the run's prompts (StageContext.data)")
+        g = torch.Generator().manual_seed(cfg.pool_seed)
+        batch = data.sample(cfg.pool_size, g)
+        z = torch.randn(cfg.pool_size, *self.shape, generator=g)
+        path = multistep_path(T - 1, -1, cfg.pool_steps)
+        guidance = cfg.real_guidance if cfg.real_guidance > 1 else None
+        dev = batch.cond["encoder_hidden_states"].device
+        x0 = []
+        for i in tqdm(range(0, cfg.pool_size, chunk), desc="teacher pool", leave=False):
+            part = lambda c: map_cond(lambda v: v[i:i + chunk], c)  # noqa: E731
+            x0.append(self.teacher.solve(z[i:i + chunk].to(dev), path, part(batch.cond), part(batch.uncond),
+                                         guidance).cpu())
+        return Pool(z, torch.cat(x0), map_cond(lambda v: v.cpu(), batch.cond))
+
+    def passes(self, d: DMDDraw):
+        """The passes of a step with both phases: G forward and backward (with the regression
+        pairs), the real and fake scores, the fake score's forward and backward. (A fake-only
+        step runs G without gradient instead of the first three.)"""
+        cond, params = d.cond, self.params()
+        z = torch.cat([d.z, d.reg_z]) if self.pool is not None else d.z
+        zc = cat_cond(d.cond, d.reg_cond) if self.pool is not None else d.cond
+        guided = (d.uncond, self.cfg.real_guidance) if self.cfg.real_guidance > 1 else ()
+
+        def generator():
+            self.generate(z, zc).float().pow(2).mean().backward()
+            clear_grads(params["student"])
+
+        def fake_step():
+            self.fake(d.z, d.t_fake, cond).eps.float().pow(2).mean().backward()
+            clear_grads(params["fake"])
+        return {"generator_fwd_bwd": generator,
+                "real_score": no_grad_pass(lambda: self.teacher(d.z, d.t, cond, *guided)),
+                "fake_score": no_grad_pass(lambda: self.fake(d.z, d.t, cond)),
+                "fake_fwd_bwd": fake_step}
+
+
+register("dmd", DMDConfig, DMDMethod)
+register("dmd2", DMD2Config, DMDMethod)

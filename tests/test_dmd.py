@@ -1,0 +1,122 @@
+"""Distribution matching (DMD, DMD2) on tiny SD1.5- and SDXL-shaped models: each phase trains
+only its own network, the generator gradient is DMD2's, the loop resumes a DMD stage exactly."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors import safe_open
+
+from hypersd.distill.data import Prompts
+from hypersd.distill.loop import StageTrainer, distill, setup
+from hypersd.distill.methods.dmd import DMDConfig
+from hypersd.distill.recipe import LoraSettings, RunConfig, StageConfig
+from hypersd.testing import tiny_sd15, tiny_sdxl
+
+BUILD = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}
+PROMPTS = ["a red apple", "a rocket", "a ghost", "a cat face"]
+SMALL = dict(pool_size=4, pool_steps=2, update_ratio=2)
+
+
+def _run(tmp_path, method="dmd", steps=4, **fields):
+    stage = StageConfig.make(method, steps=steps, batch_size=2, lr=1e-3, **{**SMALL, **fields})
+    return RunConfig(stages=[stage], output_dir=str(tmp_path / "run"), checkpoint_every=2,
+                     lora=LoraSettings(rank=4, alpha=4.0))
+
+
+def _trainer(tmp_path, family, **fields):
+    pipe = BUILD[family]()
+    run = _run(tmp_path, **fields)
+    acc = Accelerator(cpu=True)
+    pipe, examples, ctx = setup(run, acc, Prompts(pipe, PROMPTS), pipe)
+    return StageTrainer(run, 0, ctx, examples, acc)
+
+
+def _weights(nets, role):
+    return {k: v.clone() for k, v in nets.state(role).items()}
+
+
+def _changed(before, after) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_each_phase_trains_only_its_own_network(tmp_path, family):
+    trainer = _trainer(tmp_path, family)
+    nets = trainer.method.ctx.nets
+    assert trainer.method.phases(1) == ["fake"] and trainer.method.phases(2) == ["student", "fake"]
+    student, fake = _weights(nets, "student"), _weights(nets, "fake")
+    logs = trainer.step(1)  # the fake score alone
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert not _changed(student, _weights(nets, "student")) and _changed(fake, _weights(nets, "fake"))
+    fake = _weights(nets, "fake")
+    d = trainer.sample(2)
+    loss, logs = trainer.method.loss("student", d)  # the generator: its gradient reaches no fake weight
+    loss.backward()
+    assert {"dm", "regression"} <= set(logs) and torch.isfinite(loss)
+    assert all(p.grad is None for p in nets.trainable("fake"))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.trainable("student"))
+    trainer.step(2)
+    assert _changed(student, _weights(nets, "student")) and _changed(fake, _weights(nets, "fake"))
+
+
+def test_generator_gradient_is_the_normalised_score_difference(tmp_path):
+    """∂L_dm/∂x = (x̂₀_fake - x̂₀_real) / (N · mean|x - x̂₀_real|) for the mean-reduced loss."""
+    method = _trainer(tmp_path, "sd15", regression_weight=0.0).method
+    d = method.sample(method.ctx.data.sample(2, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
+    with torch.no_grad():  # make the fake score differ from the real one
+        for p in method.ctx.nets.trainable("fake"):
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    loss, _ = method._distribution_matching(x, d)
+    loss.backward()
+    with torch.no_grad():
+        x_t = method._noised(x, d.t, d.eps)
+        real = method.teacher(x_t, d.t, d.cond, d.uncond, method.cfg.real_guidance).x0
+        fake = method.fake(x_t, d.t, d.cond).x0
+        expected = (fake - real) / (x - real).abs().mean(dim=(1, 2, 3), keepdim=True) / x.numel()
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(x.grad, expected.float(), atol=1e-9, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, method", [("sd15", "dmd"), ("sdxl", "dmd2")])
+def test_resume_inside_a_dmd_stage_equals_an_uninterrupted_run(tmp_path, family, method):
+    def run(root, steps):
+        pipe = BUILD[family]()
+        return distill(_run(root, method, steps=steps), examples=Prompts(pipe, PROMPTS), pipe=pipe)
+    full, = run(tmp_path / "a", 5)
+    state = torch.load(tmp_path / "a" / "run" / f"0-{method}-k1.ckpt", weights_only=True)
+    assert "fake" in state["method"] and set(state["optimizers"]) == {"student", "fake"}
+    run(tmp_path / "b", 2)
+    (tmp_path / "b" / "run" / f"0-{method}-k1.safetensors").unlink()
+    resumed, = run(tmp_path / "b", 5)
+    with safe_open(str(full), "pt") as a, safe_open(str(resumed), "pt") as b:
+        assert '"steps_served"' in a.metadata()["hypersd"]
+        assert not any(".fake." in k for k in a.keys())
+        for key in a.keys():
+            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=1e-5)
+
+
+def test_the_fake_role_leaves_with_its_stage(tmp_path):
+    pipe = tiny_sd15()
+    run = RunConfig(stages=[StageConfig.make("dmd2", steps=2, batch_size=2, **SMALL),
+                            StageConfig.make("dmd2", steps=2, batch_size=2, **SMALL)],
+                    output_dir=str(tmp_path / "run"), lora=LoraSettings(rank=4, alpha=4.0))
+    distill(run, examples=Prompts(pipe, PROMPTS), pipe=pipe)
+    assert list(pipe.unet.peft_config) == ["student", "target"]
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="t_range"):
+        DMDConfig(t_range=(20, 1000))
+    with pytest.raises(ValueError, match="update_ratio"):
+        DMDConfig(update_ratio=0)
+
+
+def test_reward_terms_join_the_generator_loss(tmp_path):
+    from hypersd.rewards.mini import AdherenceConfig, AdherenceModel, _save
+    reward = _save(AdherenceModel(width=8, dim=16), AdherenceConfig(out_dir=str(tmp_path / "r"), width=8, dim=16), {})
+    trainer = _trainer(tmp_path, "sd15", regression_weight=0.0,
+                       rewards=[{"name": "mini-adherence", "path": str(reward), "weight": 2.0}])
+    loss, logs = trainer.method.loss("student", trainer.sample(0))
+    assert "reward/mini-adherence" in logs
+    torch.testing.assert_close(loss.item(), logs["dm"] + 2.0 * (1 - logs["reward/mini-adherence"]), rtol=1e-5, atol=1e-6)

@@ -85,7 +85,7 @@ def _eval(args) -> None:
                      steps=[int(s) for s in args.steps.split(",")], label=args.label,
                      split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out,
                      clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward,
-                     inception=args.inception)
+                     inception=args.inception, rewards=args.reward or [])
     rows = run_eval(cfg)
     from hypersd.evaluate import markdown_table
     print(markdown_table(rows))
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--clip", metavar="MODEL", help="CLIP folder or hub id: adds CLIP score")
     v.add_argument("--aesthetic", metavar="PTH", help="LAION aesthetic head: adds aesthetic score")
     v.add_argument("--imagereward", metavar="PT", help="ImageReward.pt: adds ImageReward")
+    v.add_argument("--reward", action="append", metavar="NAME",
+                   help="a reward's mean score (mini-adherence, mini-structure); repeat for more")
     v.add_argument("--inception", metavar="PTH",
                    help="pt_inception-2015-12-05-6726825d.pth: adds FID and KID to the data")
     v.set_defaults(func=_eval)

@@ -27,7 +27,8 @@ REFERENCE = ("teacher", 25)  # (recipe, steps) of the teacher reference set
 COLUMNS = [("fd", "FD→data ↓"), ("fd_teacher", "FD→teacher ↓"), ("top1", "top-1 % ↑"),
            ("top5", "top-5 % ↑"), ("diversity", "diversity"), ("clip", "CLIP ↑"),
            ("aesthetic", "aesthetic ↑"), ("imagereward", "ImageReward ↑"), ("fid", "FID ↓"),
-           ("kid", "KID ↓")]
+           ("kid", "KID ↓"), ("mini-adherence", "adherence reward ↑"),
+           ("mini-structure", "structure reward ↑")]
 
 
 @dataclass
@@ -51,6 +52,7 @@ class EvalConfig:
     imagereward: str | None = None           # ImageReward.pt, on imagereward_blip's shape
     imagereward_blip: str = "Salesforce/blip-itm-large-coco"
     inception: str | None = None             # FID Inception weights (.pth): FID/KID to data
+    rewards: list[str] = field(default_factory=list)  # mini rewards (hypersd.rewards): mean score
 
 
 def real_metrics(cfg: EvalConfig) -> dict:
@@ -84,6 +86,45 @@ def score_real(scorers: dict, images, prompts, data_features, rounds: int = 200)
         row[name] = float(values.mean())
         row[f"{name}_ci"] = bootstrap_ci(lambda idx: values[idx].mean(), len(values), rounds)
     return row
+
+
+def load_rewards(names: list[str]) -> dict:
+    """The rewards to report, loaded now (an unknown name or missing weights: a UserError)."""
+    from hypersd.rewards import load_reward
+    try:
+        return {name: load_reward(name) for name in names}
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from e
+
+
+def score_rewards(rewards: dict, images, prompts, split: str, rounds: int = 200) -> dict:
+    """Each reward's mean score with a percentile interval; rewards that compare with a
+    reference image get the split's image of the prompt."""
+    import torch
+
+    from hypersd.imaging import to_signed_unit
+    from hypersd.metrics.stats import bootstrap_ci
+    row = {}
+    x = to_signed_unit(np.stack([np.asarray(img) for img in images]))
+    for name, reward in rewards.items():
+        refs = _reference_images(prompts, split) if reward.needs_references else None
+        with torch.no_grad():
+            values = torch.cat([reward.score(x[i:i + 256], prompts[i:i + 256],
+                                             references=None if refs is None else refs[i:i + 256])
+                                for i in range(0, len(x), 256)]).double().numpy()
+        row[name] = float(values.mean())
+        row[f"{name}_ci"] = bootstrap_ci(lambda idx: values[idx].mean(), len(values), rounds)
+    return row
+
+
+def _reference_images(prompts: list[str], split: str):
+    """The split's image of each prompt (the first, where a caption has several), in [-1, 1]."""
+    from hypersd.imaging import to_signed_unit
+    data = load_emoji32()
+    first = {}
+    for i in data.indices(split):
+        first.setdefault(data.captions[i], i)
+    return to_signed_unit(data.images[[first[p] for p in prompts]])
 
 
 def _prompts(split: str, n: int) -> list[str]:
@@ -137,7 +178,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         metrics = MiniMetrics(*([cfg.classifier] if cfg.classifier else []))
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
-    scorers = real_metrics(cfg)
+    scorers, rewards = real_metrics(cfg), load_rewards(cfg.rewards)
     data_features = None
     if "fid" in scorers:
         data = load_emoji32()
@@ -169,6 +210,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         row["fd_teacher"] = metrics.fd(scored.features, reference)
         row["fd_teacher_ci"] = _fd_ci(metrics, scored.features, reference)
         row.update(score_real(scorers, images, prompts, data_features))
+        row.update(score_rewards(rewards, images, prompts, cfg.split))
         row.update(method=label, steps=n, samples=cfg.samples, split=cfg.split)
         rows[f"{label}@{n}"] = row
         grid_rows.append(images[:cfg.grid_prompts])

@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HYPERSD=.venv/bin/hypersd
 OUT=${OUT:-benchmarks/eval}
+# the mini rewards' mean scores beside the metrics (feedback learning optimises them)
+REWARDS="--reward mini-adherence --reward mini-structure"
 
 # recipe | inference recipe | step counts | table label [| label of its N-step LoRAs]
 # The last stage's LoRA is evaluated at every step count. With a fifth field, the stages
@@ -32,7 +34,7 @@ while IFS='|' read -r name recipe steps label nstep; do
     mkdir -p benchmarks/loras
     $HYPERSD lora convert "$lora" "benchmarks/loras/$name.safetensors" --dtype fp16
     $HYPERSD eval --lora "benchmarks/loras/$name.safetensors" --recipe "$recipe" \
-        --steps "$steps" --label "$label" --out "$OUT"
+        --steps "$steps" --label "$label" --out "$OUT" $REWARDS
     if [ -n "${nstep:-}" ]; then
         args=()
         for k in 8 4 2; do

@@ -66,9 +66,10 @@ def test_committed_dataset():
     assert not by_split["distill"] & by_split["eval"], "a base emoji is in both splits"
     assert 0.07 < len(by_split["eval"]) / len(set(data.base)) < 0.13
     assert set(data.prompts("eval")).isdisjoint(data.prompts("distill"))
-    # the foreground masks: transparent pixels were composited to white
+    # the foreground masks: transparent pixels were composited to white (within the Lanczos
+    # filter's ringing, since image and mask are downsampled separately), opaque ones are not
     assert data.masks.shape == (3786, 32, 32)
-    assert (data.images[data.masks == 0] == 255).all()
+    assert (data.images[data.masks == 0] >= 240).all() and data.images[data.masks == 255].mean() < 200
 
 
 def test_unknown_split_is_refused():

@@ -347,9 +347,11 @@ def test_shipped_accelerate_configs_load(name, kind):
 
 @pytest.mark.parametrize("override, message", [("stages.0.segments=4", "stage 0 (lcm): unknown field(s) segments"),
                                                ("stages.5.lr=1", "names no field"),
-                                               ("stages.0.adversarial.loss=x", "hinge or nonsaturating")])
+                                               ("stages.0.adversarial.loss=x", "hinge or nonsaturating"),
+                                               ("stages.0.rewards.0.name=nope", "unknown reward 'nope'")])
 def test_distill_cli_refuses_bad_method_fields_with_exit_2(tmp_path, capsys, override, message):
     from hypersd.cli import main
-    assert main(["distill", "lcm-mini", "--set", f"output_dir={tmp_path / 'run'}", "--set", override]) == 2
+    recipe = "hyper-sd-mini-feedback" if "rewards" in override else "lcm-mini"
+    assert main(["distill", recipe, "--set", f"output_dir={tmp_path / 'run'}", "--set", override]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "run").exists()

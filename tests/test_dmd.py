@@ -120,3 +120,12 @@ def test_reward_terms_join_the_generator_loss(tmp_path):
     loss, logs = trainer.method.loss("student", trainer.sample(0))
     assert "reward/mini-adherence" in logs
     torch.testing.assert_close(loss.item(), logs["dm"] + 2.0 * (1 - logs["reward/mini-adherence"]), rtol=1e-5, atol=1e-6)
+
+
+def test_full_unet_dmd_trains_a_copy_as_the_fake_score(tmp_path):
+    pipe = tiny_sd15()
+    stage = StageConfig.make("dmd", steps=2, batch_size=2, lr=1e-3, input_timestep=800,
+                             recipe="hyper-sdxl-1step-unet", steps_served="1", **SMALL)
+    run = RunConfig(stages=[stage], output_dir=str(tmp_path / "run"), full_unet=True)
+    folder, = distill(run, examples=Prompts(pipe, PROMPTS), pipe=pipe)
+    assert (folder / "config.json").exists() and (folder / "diffusion_pytorch_model.safetensors").exists()

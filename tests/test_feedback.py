@@ -130,3 +130,23 @@ def test_mask2former_structure_reward_on_a_tiny_model(tmp_path):
     torch.testing.assert_close(reward.score(references, ["a", "b"], references=references), torch.ones(2))
     with pytest.raises(UserError, match="Mask2Former"):
         load_reward("mask2former", str(tmp_path / "missing"))
+
+
+def test_bundled_mini_rewards_prefer_the_truth_on_the_eval_split():
+    """The committed reward networks, on images they never saw: a caption scores its own
+    emoji above other emoji, and an emoji's mask agrees with its own more than with others'."""
+    from PIL import Image
+
+    from hypersd.data import load_emoji32
+    from hypersd.evaluate import load_rewards, score_rewards
+    data = load_emoji32()
+    idx = data.indices("eval")[:200:2]
+    images = [Image.fromarray(data.images[i]) for i in idx]
+    captions = [data.captions[i] for i in idx]
+    rewards = load_rewards(["mini-adherence", "mini-structure"])
+    right = score_rewards(rewards, images, captions, "eval", rounds=10)
+    wrong = score_rewards(rewards, images[1:] + images[:1], captions, "eval", rounds=10)
+    assert right["mini-adherence"] > wrong["mini-adherence"] + 0.1
+    assert right["mini-structure"] > 0.99 > wrong["mini-structure"]
+    with pytest.raises(UserError, match="unknown reward"):
+        load_rewards(["no-such-reward"])

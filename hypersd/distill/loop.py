@@ -106,7 +106,10 @@ class StageTrainer:
     def __init__(self, run: RunConfig, index: int, ctx: StageContext, examples, accelerator: Accelerator):
         self.run, self.index, self.stage = run, index, run.stages[index]
         self.examples, self.accelerator = examples, accelerator
-        self.method = methods()[self.stage.method].method(self.stage.config, ctx)
+        try:
+            self.method = methods()[self.stage.method].method(self.stage.config, ctx)
+        except (ValueError, FileNotFoundError) as e:  # e.g. a reward whose weights are missing
+            raise UserError(f"stage {self.stage.name}: {e}") from e
         if self.method.needs_images and not examples.has_images:
             raise UserError(f"stage {self.stage.name}: method {self.stage.method} needs images; "
                             f"the data has prompts only")

@@ -7,6 +7,6 @@ its own input). Higher is better. Rewards that compare an image with a reference
 Weights are read when a reward is loaded, never at import time.
 """
 
-from hypersd.rewards.base import REWARDS, Reward, load_reward, register_reward
+from hypersd.rewards.base import REWARDS, Reward, check_reward, load_reward, register_reward
 
-__all__ = ["REWARDS", "Reward", "load_reward", "register_reward"]
+__all__ = ["REWARDS", "Reward", "check_reward", "load_reward", "register_reward"]

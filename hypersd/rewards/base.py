@@ -30,11 +30,16 @@ def register_reward(name: str, loader: Callable[..., Reward]) -> None:
     REWARDS[name] = loader
 
 
-def load_reward(name: str, path: str | None = None, model: str | None = None) -> Reward:
-    """A registered reward, frozen, from ``path`` (and ``model``) or its default weights."""
+def check_reward(name: str) -> None:
+    """Raise ValueError naming the known rewards when ``name`` is not one of them."""
     import hypersd.rewards.mini  # noqa: F401 - each module registers its rewards
     import hypersd.rewards.real  # noqa: F401
     import hypersd.rewards.structure  # noqa: F401
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
+
+
+def load_reward(name: str, path: str | None = None, model: str | None = None) -> Reward:
+    """A registered reward, frozen, from ``path`` (and ``model``) or its default weights."""
+    check_reward(name)
     return REWARDS[name](path, model).frozen()

@@ -110,15 +110,21 @@ class MiniAdherence(Reward):
 
 
 @dataclass
-class AdherenceConfig:
+class RewardTraining:
+    """The settings both mini rewards train with."""
+
     out_dir: str = str(ADHERENCE_DIR)
     steps: int = 800
     batch_size: int = 256
     lr: float = 2e-3
     width: int = 32
-    dim: int = 128
     seed: int = 0
     threads: int = 0
+
+
+@dataclass
+class AdherenceConfig(RewardTraining):
+    dim: int = 128
 
 
 def _split_tensors(split: str, masks: bool = False):
@@ -131,9 +137,26 @@ def _split_tensors(split: str, masks: bool = False):
     return (*out, torch.from_numpy(data.masks[idx]).float().div(255).unsqueeze(1)) if masks else out
 
 
+def fit(model: nn.Module, cfg: RewardTraining, n: int, batch_loss, desc: str) -> nn.Module:
+    """AdamW with a one-cycle schedule over ``cfg.steps`` random batches of ``n`` examples;
+    ``batch_loss(idx, g)`` is the loss of the examples ``idx``. Returns the model in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps)
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.steps), desc=desc)
+    for _ in bar:
+        loss = batch_loss(torch.randperm(n, generator=g)[:cfg.batch_size], g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
 def train_adherence(cfg: AdherenceConfig) -> Path:
     """Contrastive training on the distill split; writes fp16 weights, config and retrieval
-    accuracy (the eval split's images against the eval split's captions)."""
+    accuracy (each split's images against that split's captions)."""
     from hypersd.metrics.classifier import augment
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -141,21 +164,12 @@ def train_adherence(cfg: AdherenceConfig) -> Path:
     images, captions = _split_tensors("distill")
     sentences = SentenceEncoder()(captions)
     model = AdherenceModel(cfg.width, cfg.dim)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps)
-    g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc="adherence reward")
-    for _ in bar:
-        idx = torch.randperm(len(images), generator=g)[:cfg.batch_size]
+
+    def batch_loss(idx, g):
         logits = model.logit_scale.exp() * model.similarity(augment(images[idx], g), sentences[idx])
         labels = torch.arange(len(idx))
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    fit(model, cfg, len(images), batch_loss, "adherence reward")
     accuracy = {split: retrieval_accuracy(model, *_split_tensors(split)) for split in ("distill", "eval")}
     return _save(model, cfg, {"retrieval_top1": accuracy})
 

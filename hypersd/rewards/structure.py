@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from hypersd.rewards.base import Reward, register_reward
-from hypersd.rewards.mini import REWARDS_DIR, _conv, _load, _save, _split_tensors
+from hypersd.rewards.mini import REWARDS_DIR, RewardTraining, _conv, _load, _save, _split_tensors, fit
 
 STRUCTURE_DIR = REWARDS_DIR / "mini-structure"
 
@@ -81,14 +80,11 @@ class MiniStructure(Reward):
 
 
 @dataclass
-class StructureConfig:
+class StructureConfig(RewardTraining):
     out_dir: str = str(STRUCTURE_DIR)
     steps: int = 600
     batch_size: int = 128
-    lr: float = 2e-3
     width: int = 16
-    seed: int = 0
-    threads: int = 0
 
 
 def photometric(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -110,21 +106,10 @@ def train_structure(cfg: StructureConfig) -> Path:
     torch.manual_seed(cfg.seed)
     images, _, masks = _split_tensors("distill", masks=True)
     model = Segmenter(cfg.width)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps)
-    g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc="structure reward")
-    for _ in bar:
-        idx = torch.randperm(len(images), generator=g)[:cfg.batch_size]
-        loss = F.binary_cross_entropy_with_logits(model(photometric(images[idx], g)), masks[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    iou = {split: mask_iou(model, split) for split in ("distill", "eval")}
-    return _save(model, cfg, {"mask_iou": iou})
+    fit(model, cfg, len(images),
+        lambda idx, g: F.binary_cross_entropy_with_logits(model(photometric(images[idx], g)), masks[idx]),
+        "structure reward")
+    return _save(model, cfg, {"mask_iou": {split: mask_iou(model, split) for split in ("distill", "eval")}})
 
 
 @torch.no_grad()

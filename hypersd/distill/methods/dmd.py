@@ -135,8 +135,9 @@ class DMDMethod(Method):
         n, (lo, hi) = len(batch.prompts), self.cfg.t_range
         dev = batch.cond["encoder_hidden_states"].device
         noise = lambda: torch.randn(n, *self.shape, generator=g).to(dev)  # noqa: E731
-        d = DMDDraw(batch.prompts, batch.cond, batch.uncond, z=noise(), t=torch.randint(lo, hi + 1, (n,), generator=g).to(dev),
-                    eps=noise(), t_fake=torch.randint(0, T, (n,), generator=g).to(dev), eps_fake=noise())
+        times = lambda a, b: torch.randint(a, b + 1, (n,), generator=g).to(dev)  # noqa: E731
+        d = DMDDraw(batch.prompts, batch.cond, batch.uncond, z=noise(), t=times(lo, hi), eps=noise(),
+                    t_fake=times(0, T - 1), eps_fake=noise())
         if self.pool is not None:
             idx = torch.randint(len(self.pool.z), (n,), generator=g)
             d.reg_z, d.reg_x0 = self.pool.z[idx].to(dev), self.pool.x0[idx].to(dev)

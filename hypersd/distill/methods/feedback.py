@@ -27,7 +27,7 @@ from hypersd.distill.data import Batch
 from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
 from hypersd.distill.schedule import ddim_step, tcd_timesteps
-from hypersd.rewards import load_reward
+from hypersd.rewards import check_reward, load_reward
 
 
 @dataclass
@@ -37,6 +37,9 @@ class RewardTerm:
     alpha: float = 1.0                 # ReLU(α - r): no push once the reward reaches α
     path: str | None = None            # its weights (None: the reward's default)
     model: str | None = None           # its backbone, where it has one (aesthetic: CLIP; ImageReward: BLIP)
+
+    def __post_init__(self):
+        check_reward(self.name)
 
 
 class RewardLoss:

@@ -84,6 +84,7 @@ class Networks:
             raise ValueError(f"role {role!r} belongs to every stage")
         if self.lora is None:
             del self._modules[role]
+            self._callers.pop(role, None)  # its accelerate wrapper goes with it
         else:
             with warnings.catch_warnings():  # peft names a new active adapter; activate() decides
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")

@@ -177,6 +177,13 @@ class FeedbackMethod(Method):
             clear_grads(params)
         passes = {f"sampler_step_{j}": no_grad_pass(lambda: self.student(x, t, d.cond)) for j in range(d.i)}
         passes["gradient_step_fwd_bwd"] = gradient_step
+        if self.needs_images:  # the reference rewards' path: real latents noised to t_ref
+            def reference_step():
+                real = self.rewards.decode(d.latents).detach()
+                x0 = self.student(d.latents, d.t_ref, d.cond).x0
+                self.rewards(x0, d.prompts, references=real)[0].backward()
+                clear_grads(params)
+            passes["reference_step_fwd_bwd"] = reference_step
         if self.cfg.anchor_weight:
             passes["anchor"] = no_grad_pass(lambda: self.anchor(x, t, d.cond))
         return passes

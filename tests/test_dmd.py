@@ -70,7 +70,7 @@ def test_generator_gradient_is_the_normalised_score_difference(tmp_path):
     loss, _ = method._distribution_matching(x, d)
     loss.backward()
     with torch.no_grad():
-        x_t = method._noised(x, d.t, d.eps)
+        x_t = method.teacher.noised(x, d.t, d.eps)
         real = method.teacher(x_t, d.t, d.cond, d.uncond, method.cfg.real_guidance).x0
         fake = method.fake(x_t, d.t, d.cond).x0
         expected = (fake - real) / (x - real).abs().mean(dim=(1, 2, 3), keepdim=True) / x.numel()

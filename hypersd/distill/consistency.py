@@ -132,8 +132,7 @@ class ConsistencyLoss:
         """Prediction, target and their per-sample distance for the draws ``d``."""
         cfg, x0 = self.cfg, d.latents
         t_n, t_prev, end, omega = d.t_n, d.t_prev, d.t_end, d.omega
-        a_n = student.alpha(t_n).reshape(-1, 1, 1, 1).to(x0.dtype)
-        x_tn = a_n.sqrt() * x0 + (1 - a_n).sqrt() * d.noise
+        x_tn = student.noised(x0, t_n, d.noise)
         with torch.no_grad():
             if cfg.guidance is None:
                 tea = teacher(x_tn, t_n, d.cond)

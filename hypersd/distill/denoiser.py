@@ -70,6 +70,11 @@ class Denoiser:
         a = self.alphas_cumprod.to(t.device)[t.clamp(min=0)]
         return torch.where(t < 0, torch.ones_like(a), a)
 
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t x₀ + √(1-ᾱ_t) ε, the forward process at integer timesteps ``t``."""
+        a = _bcast(self.alpha(t), x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
                  uncond: dict | None = None, guidance: torch.Tensor | float | None = None) -> Prediction:
         """(x̂₀, ε̂) at x_t; with ``uncond`` and ``guidance``, classifier-free guided."""

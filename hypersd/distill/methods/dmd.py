@@ -187,7 +187,7 @@ class DMDMethod(Method):
     def _distribution_matching(self, x: torch.Tensor, d: DMDDraw):
         """½‖x - sg(x - grad)‖², grad = (x̂₀_fake - x̂₀_real) / mean|x - x̂₀_real|."""
         with torch.no_grad():
-            x_t = self._noised(x.detach(), d.t, d.eps)
+            x_t = self.teacher.noised(x.detach(), d.t, d.eps)
             guided = (d.uncond, self.cfg.real_guidance) if self.cfg.real_guidance > 1 else ()
             real = self.teacher(x_t, d.t, d.cond, *guided).x0
             fake = self.fake(x_t, d.t, d.cond).x0
@@ -204,14 +204,10 @@ class DMDMethod(Method):
             with torch.no_grad():
                 x = self.generate(d.z, d.cond)
         a = self.fake.alpha(d.t_fake)
-        pred = self.fake(self._noised(x, d.t_fake, d.eps_fake), d.t_fake, d.cond)
+        pred = self.fake(self.teacher.noised(x, d.t_fake, d.eps_fake), d.t_fake, d.cond)
         kind = self.ctx.prediction_type
         loss = F.mse_loss(native(pred.x0, pred.eps, a, kind).float(), native(x, d.eps_fake, a, kind).float())
         return loss, {"fake": loss.item()}
-
-    def _noised(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        a = self.teacher.alpha(t).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        return a.sqrt() * x + (1 - a).sqrt() * eps
 
     @torch.no_grad()
     def _teacher_pool(self, chunk: int = 64) -> Pool:

@@ -137,8 +137,7 @@ class FeedbackMethod(Method):
         loss, logs = self.rewards(x0, d.prompts)
         logs.update(k=float(d.k), i=float(d.i))
         if self.needs_images:
-            a = self.student.alpha(d.t_ref).reshape(-1, 1, 1, 1).to(d.latents.dtype)
-            x0_ref = self.student(a.sqrt() * d.latents + (1 - a).sqrt() * d.eps_ref, d.t_ref, d.cond).x0
+            x0_ref = self.student(self.student.noised(d.latents, d.t_ref, d.eps_ref), d.t_ref, d.cond).x0
             with torch.no_grad():
                 real = self.rewards.decode(d.latents)
             ref_loss, ref_logs = self.rewards(x0_ref, d.prompts, references=real)

@@ -14,7 +14,8 @@ def _generate(args) -> None:
     from hypersd.generate import generate
     result = generate(args.prompts, model=args.model, loras=args.lora or [], recipe=args.recipe,
                       steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                      negative=args.negative, seed=args.seed, batch=args.batch, config=args.config)
+                      negative=args.negative, seed=args.seed, batch=args.batch, config=args.config,
+                      unet=args.unet)
     paths = result.save(args.out)
     print(f"wrote {len(paths) - 1} image(s) and the grid {paths[-1]}")
 
@@ -81,7 +82,7 @@ def _eval(args) -> None:
         if not (sep and n.isdigit() and path):
             raise UserError(f"--step-lora {item!r}: write N=PATH, e.g. 4=stage-k4.safetensors")
         step_loras[int(n)] = path
-    cfg = EvalConfig(model=args.model, loras=args.lora or [], step_loras=step_loras, recipe=args.recipe,
+    cfg = EvalConfig(model=args.model, unet=args.unet, loras=args.lora or [], step_loras=step_loras, recipe=args.recipe,
                      steps=[int(s) for s in args.steps.split(",")], label=args.label,
                      split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out,
                      clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward,
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
     g.add_argument("--model", help="'mini' (default), a diffusers folder, a hub id or a .safetensors file")
     g.add_argument("--config", help="diffusers config folder/hub id for a single-file --model")
+    g.add_argument("--unet", help="a UNet folder or .safetensors file replacing the model's (a full-network student)")
     g.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="repeat for several")
     g.add_argument("--recipe", help="a named preset (see `hypersd recipes`); default 'teacher'")
     g.add_argument("--steps", type=int)
@@ -191,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="quality against steps on the emoji32 evaluation split")
     v.add_argument("--model")
+    v.add_argument("--unet", help="a UNet folder or .safetensors file replacing the model's")
     v.add_argument("--lora", action="append", metavar="PATH[:SCALE]")
     v.add_argument("--step-lora", action="append", metavar="N=PATH[:SCALE]",
                    help="a LoRA used only at N steps (Hyper-SD's N-step LoRAs); repeat per N")

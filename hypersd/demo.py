@@ -1,7 +1,8 @@
 """The main job on the embedded default: the bundled teacher at 25 steps beside 1/2/4/8 steps.
 
-When the bundled Hyper-SD LoRA is present, the 1/2/4/8-step columns use it with the unified
-TCD recipe; otherwise they show the undistilled teacher at trailing DDIM steps, the gap
+When the bundled unified Hyper-SD LoRA (the last stage of the complete recipe,
+``hyper-sd-mini-unified``: TSCD, feedback learning, DMD) is present, the 1/2/4/8-step columns
+use it with the unified TCD recipe; otherwise they show the undistilled teacher at trailing DDIM steps, the gap
 distillation has to close.
 """
 
@@ -16,7 +17,7 @@ from hypersd.models.mini import MINI_DIR
 DEMO_PROMPTS = ["grinning face", "red apple", "soccer ball", "rocket", "japan flag", "ghost",
                 "thumbs up sign: medium skin tone"]
 STUDENT_STEPS = (1, 2, 4, 8)
-BUNDLED_LORA = MINI_DIR.parent / "loras" / "hyper-sd-mini.safetensors"
+BUNDLED_LORA = MINI_DIR.parent / "loras" / "hyper-sd-mini-unified.safetensors"
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", seed: int = 0, prompts=DEMO_PROMPTS) -> Path:
@@ -27,7 +28,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", seed: int = 0, prompts=DEMO_P
     columns = [("teacher, 25 steps", run_pipeline(pipe, prompts, teacher, seeds))]
     if BUNDLED_LORA.exists():
         load_loras(pipe, [(str(BUNDLED_LORA), 1.0)])
-        student, label = get_recipe("hyper-sd-unified"), "Hyper-SD LoRA"
+        student, label = get_recipe("hyper-sd-unified"), "Hyper-SD unified LoRA"
     else:
         student, label = teacher.with_overrides(timestep_spacing="trailing"), "teacher"
     for n in STUDENT_STEPS:

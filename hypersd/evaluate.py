@@ -21,7 +21,7 @@ from hypersd.data import load_emoji32
 from hypersd.errors import UserError
 from hypersd.generate import load_loras, load_pipeline, resolve_recipe, run_pipeline
 from hypersd.generate.grid import make_grid
-from hypersd.generate.loading import parse_lora
+from hypersd.generate.loading import load_unet, parse_lora
 
 REFERENCE = ("teacher", 25)  # (recipe, steps) of the teacher reference set
 COLUMNS = [("fd", "FD→data ↓"), ("fd_teacher", "FD→teacher ↓"), ("top1", "top-1 % ↑"),
@@ -34,6 +34,7 @@ COLUMNS = [("fd", "FD→data ↓"), ("fd_teacher", "FD→teacher ↓"), ("top1",
 @dataclass
 class EvalConfig:
     model: str | None = None                 # None = the bundled mini teacher
+    unet: str | None = None                  # a UNet replacing the model's (full-network student)
     loras: list[str] = field(default_factory=list)
     step_loras: dict[int, str] = field(default_factory=dict)  # one LoRA per step count (N-step LoRAs)
     recipe: str = "teacher"
@@ -164,7 +165,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     out = Path(cfg.out_dir)
     every_lora = cfg.loras + list(cfg.step_loras.values())
-    label = cfg.label or "+".join([cfg.recipe] + [Path(parse_lora(l)[0]).stem for l in every_lora])
+    label = cfg.label or "+".join([cfg.recipe] + [Path(p).stem for p in [cfg.unet] if p]
+                                  + [Path(parse_lora(spec)[0]).stem for spec in every_lora])
     missing = sorted(set(cfg.step_loras) - set(cfg.steps))
     if missing:
         raise UserError(f"LoRAs are given for step counts {missing} that --steps does not list")
@@ -190,6 +192,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     teacher = generate_set(pipe, reference_recipe, prompts, seeds,
                            out / "images" / f"reference-{tag}", cfg.batch, "teacher reference")
     reference = metrics.score(teacher, prompts).features
+    if cfg.unet:  # after the reference set, which the model's own UNet draws
+        pipe.unet = load_unet(cfg.unet, pipe.unet).to(pipe.device, pipe.dtype)
     results_file = out / "results.json"
     rows = json.loads(results_file.read_text()) if results_file.exists() else {}
     grid_rows, loaded = [], None
@@ -200,7 +204,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             pipe.unload_lora_weights()
             load_loras(pipe, scaled)
             loaded = scaled
-        if recipes[n] == reference_recipe and not loras:  # the reference itself: reuse it
+        if recipes[n] == reference_recipe and not loras and not cfg.unet:  # the reference itself
             images = teacher
         else:
             images = generate_set(pipe, recipes[n], prompts, seeds,

@@ -24,16 +24,31 @@ hyper-sd-mini-adv-small|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE + adversaria
 hyper-sd-mini-dmd|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only) + DMD
 hyper-sd-mini-feedback|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only) + feedback
 hyper-sd-mini-feedback-dmd|hyper-sd-unified|1,2,4,8|Hyper-SD TSCD (MSE only) + feedback + DMD
-dmd2-mini|hyper-sd-unified|1,2,4,8|DMD2 (no GAN term)"
+dmd2-mini|hyper-sd-unified|1,2,4,8|DMD2 (no GAN term)
+dmd2-gan-mini|hyper-sd-unified|1,2,4,8|DMD2 (GAN term)
+hyper-sd-mini-unified|hyper-sd-unified|1,2,4,8|Hyper-SD unified LoRA (complete recipe)
+hyper-sd-mini-1step-unet|hyper-sdxl-1step-unet|1|Hyper-SD 1-step UNet (full network)"
 
 while IFS='|' read -r name recipe steps label nstep; do
     if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
     echo "== $name"
     $HYPERSD distill "$name"
-    lora=$(ls runs/distill/"$name"/*.safetensors | grep -v kohya | sort | tail -1)
-    mkdir -p benchmarks/loras
-    $HYPERSD lora convert "$lora" "benchmarks/loras/$name.safetensors" --dtype fp16
-    $HYPERSD eval --lora "benchmarks/loras/$name.safetensors" --recipe "$recipe" \
+    last=$(ls runs/distill/"$name"/*.safetensors | grep -v kohya | sort | tail -1)
+    if [ -d "${last%.safetensors}" ]; then  # a full-network student: its original-layout file
+        mkdir -p benchmarks/unets
+        .venv/bin/python -c "import sys, torch; from safetensors import safe_open; from safetensors.torch import save_file
+with safe_open(sys.argv[1], 'pt') as f: save_file({k: f.get_tensor(k).half() for k in f.keys()}, sys.argv[2], f.metadata())" \
+            "$last" "benchmarks/unets/$name.safetensors"
+        $HYPERSD eval --unet "benchmarks/unets/$name.safetensors" --recipe "$recipe" \
+            --steps "$steps" --label "$label" --out "$OUT" $REWARDS
+        continue
+    fi
+    # the complete recipe's LoRA is the bundled model's default accelerator
+    dest=benchmarks/loras/$name.safetensors
+    [ "$name" = hyper-sd-mini-unified ] && dest=hypersd/assets/loras/$name.safetensors
+    mkdir -p "$(dirname "$dest")"
+    $HYPERSD lora convert "$last" "$dest" --dtype fp16
+    $HYPERSD eval --lora "$dest" --recipe "$recipe" \
         --steps "$steps" --label "$label" --out "$OUT" $REWARDS
     if [ -n "${nstep:-}" ]; then
         args=()

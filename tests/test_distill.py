@@ -192,7 +192,8 @@ def test_every_bundled_recipe_is_valid(name):
 
 def test_two_processes_train_and_agree(tmp_path, tiny_dirs):
     """torchrun with 2 CPU processes (gloo): accelerate wraps the student and the critic in DDP,
-    so gradients are averaged and replicas stay equal, across a stage boundary too."""
+    so gradients are averaged and replicas stay equal, across stage boundaries too, and through
+    a DMD2 stage whose phases each train one of two adapters on one UNet (and a GAN head)."""
     import json
     import os
     import subprocess
@@ -202,7 +203,8 @@ def test_two_processes_train_and_agree(tmp_path, tiny_dirs):
                       "lora: {rank: 4, alpha: 4}\nsplit: eval\nthreads: 1\n"
                       "stages:\n  - {method: tscd, segments: 2, steps: 3, batch_size: 2, lr: 1.0e-3,"
                       " adversarial: {weight: 0.5, lr: 1.0e-3}}\n"
-                      "  - {method: tcd, steps: 2, batch_size: 2, lr: 1.0e-3}\n")
+                      "  - {method: tcd, steps: 2, batch_size: 2, lr: 1.0e-3}\n"
+                      "  - {method: dmd2, steps: 3, batch_size: 2, lr: 1.0e-3, update_ratio: 1, gan_weight: 0.5}\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--master_port=29517", "-m", "hypersd.cli", "distill", str(recipe)],
@@ -210,7 +212,7 @@ def test_two_processes_train_and_agree(tmp_path, tiny_dirs):
     assert result.returncode == 0, result.stderr[-2000:]
     sums = json.loads((tmp_path / "run" / "replicas.json").read_text())["checksums"]
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-9)
-    assert (tmp_path / "run" / "0-tscd-k2.safetensors").exists() and (tmp_path / "run" / "1-tcd-k1.safetensors").exists()
+    assert all((tmp_path / "run" / f"{name}.safetensors").exists() for name in ("0-tscd-k2", "1-tcd-k1", "2-dmd2-k1"))
 
 
 def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path, tiny_dirs):

@@ -10,6 +10,7 @@ from hypersd.distill.data import Prompts
 from hypersd.distill.loop import StageTrainer, distill, setup
 from hypersd.distill.methods.dmd import DMDConfig
 from hypersd.distill.recipe import LoraSettings, RunConfig, StageConfig
+from hypersd.errors import UserError
 from hypersd.testing import tiny_sd15, tiny_sdxl
 
 BUILD = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}
@@ -23,11 +24,17 @@ def _run(tmp_path, method="dmd", steps=4, **fields):
                      lora=LoraSettings(rank=4, alpha=4.0))
 
 
-def _trainer(tmp_path, family, **fields):
+def _images(pipe):
+    from hypersd.distill.data import LatentCaptions
+    images = torch.rand(len(PROMPTS), 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return LatentCaptions(pipe, images, PROMPTS)
+
+
+def _trainer(tmp_path, family, images=False, **fields):
     pipe = BUILD[family]()
     run = _run(tmp_path, **fields)
     acc = Accelerator(cpu=True)
-    pipe, examples, ctx = setup(run, acc, Prompts(pipe, PROMPTS), pipe)
+    pipe, examples, ctx = setup(run, acc, _images(pipe) if images else Prompts(pipe, PROMPTS), pipe)
     return StageTrainer(run, 0, ctx, examples, acc)
 
 
@@ -129,3 +136,66 @@ def test_full_unet_dmd_trains_a_copy_as_the_fake_score(tmp_path):
     run = RunConfig(stages=[stage], output_dir=str(tmp_path / "run"), full_unet=True)
     folder, = distill(run, examples=Prompts(pipe, PROMPTS), pipe=pipe)
     assert (folder / "config.json").exists() and (folder / "diffusion_pytorch_model.safetensors").exists()
+    from hypersd.generate.loading import load_unet  # the single file beside it holds the same UNet
+    single = load_unet(str(folder.with_suffix(".safetensors")), pipe.unet).state_dict()
+    assert all(torch.equal(single[k], v) for k, v in pipe.unet.state_dict().items())
+    with safe_open(str(folder.with_suffix(".safetensors")), "pt") as f:
+        assert '"input_timestep": 800' in f.metadata()["hypersd"]
+
+
+def test_a_full_student_starts_from_base_plus_lora_as_diffusers_fuses_it(tmp_path):
+    """start_from a LoRA file on a full-UNet run: the student is the base with ΔW merged,
+    equal to diffusers' fuse_lora of the same file."""
+    from hypersd.distill.loop import merged_lora
+    lora_run = _run(tmp_path, steps=2)
+    pipe = tiny_sd15()
+    lora, = distill(lora_run, examples=Prompts(pipe, PROMPTS), pipe=pipe)
+    fused = tiny_sd15()
+    fused.load_lora_weights(str(lora))
+    fused.fuse_lora()
+    fused.unload_lora_weights()
+    ours = merged_lora(tiny_sd15().unet.state_dict(), str(lora))
+    theirs = fused.unet.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(ours[k], v) for k, v in tiny_sd15().unet.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_dmd2_gan_term_trains_the_head_in_its_phase_and_reaches_only_the_student(tmp_path, family):
+    """DMD2's GAN term: the critic phase trains the classifier head alone; G's term moves no
+    fake-score or head weight, and its gradient is that of softplus(-D(noised x))."""
+    trainer = _trainer(tmp_path, family, images=True, method="dmd2", gan_weight=0.5)
+    method, nets = trainer.method, trainer.method.ctx.nets
+    assert method.needs_images and method.phases(0) == ["student", "fake", "critic"]
+    head = {k: v.clone() for k, v in method.gan.head.state_dict().items()}
+    student = _weights(nets, "student")
+    logs = trainer.step(1)  # fake, then critic
+    assert {"loss/fake", "loss/critic"} <= set(logs) and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert _changed(head, method.gan.head.state_dict()) and not _changed(student, _weights(nets, "student"))
+    d = trainer.sample(2)
+    loss, logs = method.loss("student", d)
+    loss.backward()
+    assert "gan" in logs and torch.isfinite(loss)
+    assert all(p.grad is None for p in nets.trainable("fake") + method.gan.params())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.trainable("student"))
+    x = torch.randn_like(d.real, requires_grad=True)  # the term's gradient, against autograd's own
+    surrogate, value = method.gan.generator_loss(x, d.t, d.eps, d.cond)
+    surrogate.backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    direct = torch.nn.functional.softplus(-method.gan.logits(method.teacher.noised(x2, d.t, d.eps), d.t, d.cond)).mean()
+    direct.backward()
+    assert x2.grad.abs().max() > 0 and abs(value - direct.item()) < 1e-6
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_dmd2_gan_needs_images_and_checkpoints_its_head(tmp_path):
+    pipe = tiny_sd15()
+    run = _run(tmp_path, "dmd2", steps=2, gan_weight=0.5)
+    with pytest.raises(UserError, match="needs images"):
+        distill(run, examples=Prompts(pipe, PROMPTS), pipe=pipe)
+    pipe = tiny_sd15()
+    distill(run, examples=_images(pipe), pipe=pipe)
+    state = torch.load(tmp_path / "run" / "0-dmd2-k1.ckpt", weights_only=True)
+    assert set(state["optimizers"]) == {"student", "fake", "critic"} and "critic" in state["method"]

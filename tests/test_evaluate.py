@@ -74,7 +74,7 @@ def test_step_loras_apply_only_at_their_step_count(tmp_path, random_classifier):
     from PIL import Image
 
     from hypersd.errors import UserError
-    lora = "hypersd/assets/loras/hyper-sd-mini.safetensors"
+    lora = "benchmarks/loras/hyper-sd-mini.safetensors"
     base = dict(recipe="hyper-sd", steps=[1, 2], samples=6, batch=6, out_dir=str(tmp_path),
                 classifier=random_classifier, grid_prompts=2)
     run_eval(EvalConfig(**base, label="plain"))
@@ -96,3 +96,28 @@ def test_cli_step_lora_needs_n_equals_path(tmp_path, capsys):
     from hypersd.cli import main
     assert main(["eval", "--step-lora", "four.safetensors", "--out", str(tmp_path / "o")]) == 2
     assert "write N=PATH" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_replacement_unet_draws_the_row_and_the_base_model_the_reference(tmp_path, random_classifier):
+    """eval --unet: the model's own UNet draws the teacher reference, the given UNet the row."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from hypersd.generate import load_pipeline
+    unet = load_pipeline(device="cpu").unet
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(0.9)
+    unet.save_pretrained(tmp_path / "unet")
+    base = dict(recipe="hyper-sdxl-1step-unet", steps=[1], samples=4, batch=4, classifier=random_classifier,
+                grid_prompts=2)
+    rows = run_eval(EvalConfig(**base, unet=str(tmp_path / "unet"), out_dir=str(tmp_path / "a")))
+    run_eval(EvalConfig(**base, out_dir=str(tmp_path / "b")))
+
+    def pixels(root, pattern):
+        folder, = (tmp_path / root / "images").glob(pattern)
+        return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+    assert list(rows) == ["hyper-sdxl-1step-unet+unet@1"]
+    np.testing.assert_array_equal(pixels("a", "reference-*"), pixels("b", "reference-*"))
+    assert not np.array_equal(pixels("a", "hyper-sdxl-1step-unet_unet-1-*"), pixels("b", "hyper-sdxl-1step-unet-1-*"))

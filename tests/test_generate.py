@@ -169,3 +169,40 @@ def test_single_file_checkpoint_matches_its_folder(kind, tiny_dirs, tmp_path, ca
     # offline without --config: a clear error, exit code 2
     rc, out = _cli(tmp_path, "a cat", "--model", str(path))
     assert rc == 2 and "--config" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_a_replacement_unet_loads_from_a_folder_or_either_single_file_layout(kind, tiny_dirs, tmp_path):
+    """--unet takes a diffusers folder, a diffusers-key file or an original-layout file, and
+    stock diffusers' from_single_file reads our original-layout file to the same weights."""
+    from diffusers import UNet2DConditionModel
+
+    from hypersd.models.single_file import save_unet_single_file
+    unet = load_pipeline(tiny_dirs[kind], device="cpu").unet
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    unet.save_pretrained(tmp_path / "folder")
+    save_file(unet.state_dict(), tmp_path / "diffusers.safetensors")
+    save_unet_single_file(unet, str(tmp_path / "ldm.safetensors"))
+    stock = UNet2DConditionModel.from_single_file(str(tmp_path / "ldm.safetensors"), config=tiny_dirs[kind],
+                                                  subfolder="unet")
+    want = unet.state_dict()
+    assert all(torch.equal(stock.state_dict()[k], v) for k, v in want.items())
+    base = generate(["a cat"], model=tiny_dirs[kind], recipe="hyper-sdxl-1step-unet", seed=3)
+    outs = [generate(["a cat"], model=tiny_dirs[kind], unet=str(tmp_path / name),
+                     recipe="hyper-sdxl-1step-unet", seed=3)
+            for name in ("folder", "diffusers.safetensors", "ldm.safetensors")]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(_array(out.images), _array(outs[0].images))
+    assert np.abs(_array(outs[0].images) - _array(base.images)).max() > 0  # the UNet was replaced
+    assert outs[0].metadata(0)["unet"] == str(tmp_path / "folder")
+
+
+def test_a_unet_of_another_model_is_refused_in_one_line(tiny_dirs, tmp_path, capsys):
+    other = load_pipeline(tiny_dirs["sdxl"], device="cpu").unet
+    save_file(other.state_dict(), tmp_path / "sdxl-unet.safetensors")
+    for unet, message in ((tmp_path / "sdxl-unet.safetensors", "does not fit"), (tmp_path / "none", "not found")):
+        rc, out = _cli(tmp_path, "a cat", "--model", tiny_dirs["sd15"], "--unet", str(unet))
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err.strip().splitlines()[-1] and not out.exists()

@@ -275,13 +275,16 @@ def _train(trainer: StageTrainer, start: int, ckpt: Path) -> None:
 
 
 def _export(nets: Networks, student: dict, final: Path, info: dict, sdxl: bool, unet, main: bool) -> Path:
-    """The stage's student: a LoRA file (diffusers + kohya), or a UNet folder for full training."""
+    """The stage's student: a LoRA file (diffusers + kohya), or for full training a diffusers
+    UNet folder beside one original-layout file (``final``, what A1111/ComfyUI load)."""
     if nets.lora is None:
+        from hypersd.models.single_file import save_unet_single_file
         folder = final.with_suffix("")
         if main:
             with atomic_path(folder) as tmp:
                 unet.save_pretrained(tmp)
-            final.touch()
+            with atomic_path(final) as tmp:
+                save_unet_single_file(unet, tmp, metadata={"hypersd": json.dumps(info, sort_keys=True)})
         return folder
     if main:
         save_lora(student, nets.lora, final, info, sdxl=sdxl)
@@ -306,6 +309,8 @@ def _init_student(nets: Networks, start_from: str, previous: dict | None) -> Non
             raise UserError(f"cannot start from {start_from}: no such LoRA file")
         state = {k.removeprefix("unet."): v for k, v in load_file(start_from).items()}
         try:
+            if nets.lora is None and any("lora_" in k for k in state):  # a full student from base + LoRA
+                state = merged_lora(nets.state("teacher"), start_from)
             nets.load_states(state)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"cannot start from {start_from}: {str(e).splitlines()[0][:200]}") from e
@@ -314,3 +319,17 @@ def _init_student(nets: Networks, start_from: str, previous: dict | None) -> Non
                           for k, v in nets.state("student").items()} if nets.lora is not None
                          else nets.state("teacher"))
 
+
+
+def merged_lora(weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """``weights`` (a UNet state dict) with the LoRA file's ΔW = scale · B A added."""
+    from hypersd.lora.tools import read_lora
+    lf, out = read_lora(path), dict(weights)
+    for name, (a, b, _) in lf.modules.items():
+        key = name.removeprefix("unet.") + ".weight"
+        if key not in out:
+            raise KeyError(f"LoRA module {name} matches no weight of this UNet")
+        w = out[key]
+        delta = lf.scale_of(name) * (b.flatten(1).double() @ a.flatten(1).double())
+        out[key] = (w.double() + delta.view(w.shape)).to(w.dtype)
+    return out

@@ -218,11 +218,15 @@ class Networks:
 
     def teacher_features(self, x, t, cond) -> list[torch.Tensor]:
         """The frozen teacher's encoder features (the adversarial term's backbone)."""
+        return self.features("teacher", x, t, cond)
+
+    def features(self, role: str, x, t, cond) -> list[torch.Tensor]:
+        """``role``'s encoder features: each down block's output and the mid block's."""
         from hypersd.distill.methods.adversarial import encoder_features
-        if self.lora is not None and self._sharded():
-            raise UserError("the adversarial term reads the teacher's encoder blocks, which FSDP "
-                            "shards in a LoRA run: use data parallelism (DDP) for adversarial stages")
+        if self._sharded(role):
+            raise UserError(f"encoder features are read from the {role}'s UNet blocks, which FSDP "
+                            "shards here: use data parallelism (DDP) for adversarial and GAN terms")
         if self.lora is None:
-            return encoder_features(self._modules["teacher"], x, t, cond)
-        self.activate(None)
+            return encoder_features(self._modules[role], x, t, cond)
+        self.activate(None if role == "teacher" else role)
         return encoder_features(self.unet, x, t, cond)

@@ -27,10 +27,11 @@ class Generation:
     model: str
     loras: list[tuple[str, float]] = field(default_factory=list)
     negative: str | None = None
+    unet: str | None = None                 # a UNet that replaced the model's (full-network student)
 
     def metadata(self, i: int) -> dict:
         return {"prompt": self.prompts[i], "seed": self.seeds[i], "negative": self.negative,
-                "model": self.model, "loras": self.loras, "recipe": asdict(self.recipe)}
+                "model": self.model, "unet": self.unet, "loras": self.loras, "recipe": asdict(self.recipe)}
 
     def save(self, out_dir: str | Path, grid_cell: int = 128) -> list[Path]:
         """Write one PNG per image (metadata in text chunks) and ``grid.png``; return the paths."""
@@ -99,11 +100,12 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
              recipe: str | Recipe | None = None, steps: int | None = None,
              sampler: str | None = None, eta: float | None = None, guidance: float | None = None,
              negative: str | None = None, seed: int = 0, batch: int = 1, pipe=None,
-             config: str | None = None) -> Generation:
+             config: str | None = None, unet: str | None = None) -> Generation:
     """Generate ``batch`` images per prompt; seeds are ``seed, seed+1, ...`` for each prompt.
 
     ``loras`` are "PATH" or "PATH:SCALE" strings; without a scale the recipe's is used.
-    Pass an already loaded ``pipe`` to skip loading.
+    ``unet`` (a UNet folder or .safetensors file) replaces the model's UNet, e.g. with a
+    one-step full-network student. Pass an already loaded ``pipe`` to skip loading.
     """
     prompts = _check_prompts(list(prompts))
     if batch < 1:
@@ -115,9 +117,9 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
                         "recipe that keeps CFG (teacher, hyper-sd-cfg)")
     parsed = [(p, r.lora_scale if s is None else s) for p, s in map(parse_lora, loras)]
     if pipe is None:
-        pipe = load_pipeline(model, config=config)
+        pipe = load_pipeline(model, config=config, unet=unet)
         load_loras(pipe, parsed)
     all_prompts = [p for p in prompts for _ in range(batch)]
     seeds = [seed + k for _ in prompts for k in range(batch)]
     images = run_pipeline(pipe, all_prompts, r, seeds, negative)
-    return Generation(images, all_prompts, seeds, r, model or "mini", parsed, negative)
+    return Generation(images, all_prompts, seeds, r, model or "mini", parsed, negative, unet)

@@ -1,4 +1,5 @@
-"""Loading a base pipeline (bundled, diffusers folder, hub id or single file) and LoRAs."""
+"""Loading a base pipeline (bundled, diffusers folder, hub id or single file), a replacement
+UNet (a full-network student) and LoRAs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import torch
 from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler)
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler,
+                       UNet2DConditionModel)
 
 from hypersd.errors import UserError
 from hypersd.models.mini import MINI_DIR, load_text_encoder
@@ -44,15 +46,54 @@ def _is_sdxl_checkpoint(path: Path) -> bool:
 
 
 def load_pipeline(model: str | None = None, dtype: torch.dtype | None = None,
-                  device: str | None = None, config: str | None = None):
+                  device: str | None = None, config: str | None = None, unet: str | None = None):
     """A StableDiffusion(XL)Pipeline for ``model``: None or "mini" is the bundled teacher.
 
     The pipeline class is read from the folder's model_index.json. A single-file checkpoint
     (.safetensors/.ckpt) is loaded with ``from_single_file``; offline, pass ``config``, a
-    folder or hub id holding the matching diffusers configuration.
+    folder or hub id holding the matching diffusers configuration. ``unet`` replaces the
+    pipeline's UNet (see ``load_unet``).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    pipe = _load_base(model, config)
+    if unet is not None:
+        pipe.unet = load_unet(unet, pipe.unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def load_unet(path: str, like) -> UNet2DConditionModel:
+    """A whole UNet (e.g. a one-step full-network student) in place of ``like``: a diffusers
+    UNet folder, or one .safetensors file with diffusers keys or the original layout's
+    (``model.diffusion_model.``), read with ``like``'s configuration."""
+    from safetensors.torch import load_file
+
+    from hypersd.models.single_file import ldm_to_unet
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise UserError(f"{path} has no config.json: pass a diffusers UNet folder or a .safetensors file")
+        return UNet2DConditionModel.from_pretrained(p)
+    if p.suffix != ".safetensors" or not p.exists():
+        raise UserError(f"UNet {path} not found: pass a diffusers UNet folder or a .safetensors file")
+    state = load_file(str(p))
+    unet = UNet2DConditionModel.from_config(like.config)
+    try:
+        if any(k.startswith("model.diffusion_model.") for k in state):
+            state = ldm_to_unet(state, unet)
+    except ValueError as e:
+        raise UserError(f"UNet {path} does not fit this base model: {e}") from e
+    want = unet.state_dict()
+    wrong = sorted(set(want) ^ set(state)) + [k for k in set(want) & set(state) if want[k].shape != state[k].shape]
+    if wrong:
+        raise UserError(f"UNet {path} does not fit this base model ({len(wrong)} weights missing, extra or "
+                        f"of another shape, e.g. {wrong[0]}): pass a UNet of this model's architecture")
+    unet.load_state_dict(state)
+    return unet
+
+
+def _load_base(model: str | None, config: str | None):
     model = model or BUNDLED
     if model == BUNDLED:
         if not (MINI_DIR / "model_index.json").exists():
@@ -69,7 +110,7 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype | None = None,
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot load single-file checkpoint {model}: {e}. Offline, pass "
                             "--config with the model's diffusers folder") from e
-        return pipe.to(device, dtype)
+        return pipe
     index = _model_index(model)
     cls = PIPELINES.get(index.get("_class_name"))
     if cls is None:
@@ -83,8 +124,7 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype | None = None,
         pipe = cls.from_pretrained(model, **extra)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load {model}: {e}") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return pipe
 
 
 def parse_lora(spec: str) -> tuple[str, float | None]:

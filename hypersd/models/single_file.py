@@ -1,4 +1,5 @@
-"""Write an SD1.5- or SDXL-shaped diffusers pipeline as one original-layout checkpoint.
+"""Write an SD1.5- or SDXL-shaped diffusers pipeline (or its UNet alone) as one original-layout
+checkpoint, and read such a UNet back.
 
 The inverse of the key layout diffusers' ``from_single_file`` reads: UNet under
 ``model.diffusion_model.`` (input/middle/output blocks), VAE under ``first_stage_model.``
@@ -138,3 +139,27 @@ def save_single_file(pipe, path: str, dtype: torch.dtype | None = None) -> None:
     """Write the pipeline as one ``.safetensors`` checkpoint in the original layout."""
     tensors = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in pipeline_to_ldm(pipe).items()}
     save_file(tensors, path)
+
+
+def ldm_to_unet(state: dict[str, torch.Tensor], unet) -> dict[str, torch.Tensor]:
+    """LDM ``model.diffusion_model.`` keys -> the diffusers keys of ``unet``'s architecture.
+
+    The inverse of ``unet_to_ldm``, read off ``unet``'s own key list; a checkpoint of another
+    architecture raises ValueError naming a key that has no place in it.
+    """
+    names = unet_to_ldm({k: k for k in unet.state_dict()}, unet.config)  # LDM key -> diffusers key
+    out = {}
+    for key, value in state.items():
+        if key not in names:
+            raise ValueError(f"{key} has no place in this UNet (another architecture?)")
+        out[names[key]] = value
+    return out
+
+
+def save_unet_single_file(unet, path: str, dtype: torch.dtype | None = None,
+                          metadata: dict[str, str] | None = None) -> None:
+    """Write a UNet alone as one ``.safetensors`` in the original layout (``model.diffusion_model.``
+    keys), the file A1111 and ComfyUI load as a UNet and diffusers' ``from_single_file`` reads."""
+    tensors = {k: (v.to(dtype) if dtype else v).contiguous()
+               for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()}
+    save_file(tensors, path, metadata=metadata)

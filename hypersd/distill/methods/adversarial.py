@@ -49,7 +49,9 @@ def encoder_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> list
     return feats
 
 
-class _Head(nn.Sequential):
+class FeatureHead(nn.Sequential):
+    """4x4 stride-2 conv + GroupNorm + SiLU, then a 1x1 conv to one logit per position."""
+
     def __init__(self, channels: int, size: int, hidden: int = 64):
         conv = (nn.Conv2d(channels, hidden, 4, 2, 1) if size >= 4 else nn.Conv2d(channels, hidden, 1))
         super().__init__(conv, nn.GroupNorm(min(32, hidden // 4), hidden), nn.SiLU(), nn.Conv2d(hidden, 1, 1))
@@ -79,7 +81,7 @@ class Discriminator(nn.Module):
         with torch.no_grad():
             shapes = [f.shape for f in features(*probe)]
         mult = 2 if cfg.conditional else 1
-        self.heads = nn.ModuleList(_Head(mult * s[1], s[-1], cfg.hidden) for s in shapes)
+        self.heads = nn.ModuleList(FeatureHead(mult * s[1], s[-1], cfg.hidden) for s in shapes)
 
     def forward(self, candidate, t_end, x_t, t, cond) -> torch.Tensor:
         """One logit per example (mean over heads and positions)."""

@@ -12,6 +12,9 @@ x_t = √ᾱ_t x + √(1-ᾱ_t) ε, t ~ U[t_min, t_max]:
 With ``regression_weight`` > 0 the generator also regresses onto the teacher's multi-step
 outputs from the same noise, ‖G(z') - ODE_teacher(z')‖², on a pool of (prompt, noise) pairs
 solved once when the stage starts (DMD's regression loss; Hyper-SD's MSE regulariser).
+With ``gan_weight`` > 0 a classifier on the fake score's bottleneck learns to tell noised
+real images from noised G(z) in a "critic" phase, and G adds its non-saturating term
+(DMD2's GAN term, ``methods.gan``); the stage then needs images.
 With ``rewards`` the generator's images (decoded) are also scored by reward models, as in
 feedback learning (Hyper-SD trains its one-step enhancement with the feedback terms). The
 fake score takes a step every optimizer step, the generator every ``update_ratio`` steps
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 from hypersd.distill.data import Batch, map_cond
 from hypersd.distill.denoiser import Denoiser, cat_cond, native
 from hypersd.distill.methods.feedback import RewardLoss, RewardTerm
+from hypersd.distill.methods.gan import BottleneckGAN
 from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
 from hypersd.distill.schedule import T, multistep_path
 
@@ -50,6 +54,9 @@ class DMDConfig:
     pool_steps: int = 25               # the teacher's DDIM steps for each pair
     pool_seed: int = 0
     rewards: list[RewardTerm] = field(default_factory=list)  # feedback terms on G's images
+    gan_weight: float = 0.0            # weight of G's GAN term (0: no GAN term; DMD2 SDXL: 5e-3)
+    gan_lr: float | None = None        # the classifier head's learning rate (None: the fake score's)
+    gan_hidden: int = 64               # channels of the classifier head
     recipe: str = "hyper-sd-unified"   # how the student is sampled
     steps_served: str = "1-8"
 
@@ -87,7 +94,8 @@ class DMDDraw:
     reg_z: torch.Tensor | None = None  # regression pairs from the pool (None: no regression)
     reg_x0: torch.Tensor | None = None
     reg_cond: dict | None = None
-    generated: torch.Tensor | None = None  # G(z), detached, set by the generator phase
+    real: torch.Tensor | None = None   # real latents, for the GAN term (None: no GAN term)
+    generated: torch.Tensor | None = None  # G(z), detached, set by the generator or fake phase
 
 
 @dataclass
@@ -114,22 +122,34 @@ class DMDMethod(Method):
         self.rewards = RewardLoss(cfg.rewards, ctx.vae) if cfg.rewards else None
         if self.rewards is not None and self.rewards.needs_references:
             raise ValueError("DMD trains from prompts: its reward terms cannot compare with real images")
+        self.gan = None
+        if cfg.gan_weight > 0:  # DMD2's classifier on the fake score's bottleneck [DMD2 §4.3]
+            self.gan = BottleneckGAN(lambda x, t, c: ctx.nets.features("fake", x, t, c)[-1],
+                                     self.teacher.noised, ctx.probe, self.shape, cfg.gan_hidden)
+            self.needs_images = True
 
     # ---- the protocol --------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:
-        return ["student", "fake"] if step % self.cfg.update_ratio == 0 else ["fake"]
+        phases = ["student", "fake"] if step % self.cfg.update_ratio == 0 else ["fake"]
+        return phases + ["critic"] * (self.gan is not None)
 
     def params(self):
-        return {role: self.ctx.nets.trainable(role) for role in ("student", "fake")}
+        params = {role: self.ctx.nets.trainable(role) for role in ("student", "fake")}
+        return params | ({"critic": self.gan.params()} if self.gan else {})
 
     def modules(self):
-        return {role: self.ctx.nets.module(role) for role in ("student", "fake")}
+        modules = {role: self.ctx.nets.module(role) for role in ("student", "fake")}
+        return modules | ({"critic": self.gan.head} if self.gan else {})
 
     def wrapped(self, phase: str, module) -> None:
-        self.ctx.nets.use_wrapped(phase, module)
+        if phase == "critic":
+            self.gan.wrapped(module)
+        else:
+            self.ctx.nets.use_wrapped(phase, module)
 
     def optimizer_settings(self, lr: float):
-        return {"student": {"lr": lr}, "fake": {"lr": self.cfg.fake_lr or lr}}
+        fake_lr = self.cfg.fake_lr or lr
+        return {"student": {"lr": lr}, "fake": {"lr": fake_lr}, "critic": {"lr": self.cfg.gan_lr or fake_lr}}
 
     def sample(self, batch: Batch, g: torch.Generator) -> DMDDraw:
         n, (lo, hi) = len(batch.prompts), self.cfg.t_range
@@ -137,7 +157,7 @@ class DMDMethod(Method):
         noise = lambda: torch.randn(n, *self.shape, generator=g).to(dev)  # noqa: E731
         times = lambda a, b: torch.randint(a, b + 1, (n,), generator=g).to(dev)  # noqa: E731
         d = DMDDraw(batch.prompts, batch.cond, batch.uncond, z=noise(), t=times(lo, hi), eps=noise(),
-                    t_fake=times(0, T - 1), eps_fake=noise())
+                    t_fake=times(0, T - 1), eps_fake=noise(), real=batch.latents if self.gan else None)
         if self.pool is not None:
             idx = torch.randint(len(self.pool.z), (n,), generator=g)
             d.reg_z, d.reg_x0 = self.pool.z[idx].to(dev), self.pool.x0[idx].to(dev)
@@ -145,13 +165,18 @@ class DMDMethod(Method):
         return d
 
     def loss(self, phase: str, d: DMDDraw):
+        if phase == "critic":
+            loss = self.gan.critic_loss(d.real, d.generated, d.t, d.eps, d.cond)
+            return loss, {"critic": loss.item()}
         return self._fake_loss(d) if phase == "fake" else self._generator_loss(d)
 
     def state_dict(self):
-        return {"fake": self.ctx.nets.state("fake")}
+        return {"fake": self.ctx.nets.state("fake")} | ({"critic": self.gan.head.state_dict()} if self.gan else {})
 
     def load_state_dict(self, state) -> None:
         self.ctx.nets.load_state("fake", state["fake"])
+        if self.gan:
+            self.gan.head.load_state_dict(state["critic"])
 
     def close(self) -> None:
         self.ctx.nets.drop_role("fake")
@@ -182,6 +207,9 @@ class DMDMethod(Method):
         if self.rewards is not None:
             feedback, reward_logs = self.rewards(x[:n], d.prompts)
             loss, logs = loss + feedback, {**logs, **reward_logs}
+        if self.gan is not None:
+            gan, logs["gan"] = self.gan.generator_loss(x[:n], d.t, d.eps, d.cond)
+            loss = loss + cfg.gan_weight * gan
         return loss, logs
 
     def _distribution_matching(self, x: torch.Tensor, d: DMDDraw):
@@ -199,10 +227,10 @@ class DMDMethod(Method):
 
     def _fake_loss(self, d: DMDDraw):
         """The fake score's denoising loss on G's current outputs, in its own parameterisation."""
-        x = d.generated
-        if x is None:
+        if d.generated is None:
             with torch.no_grad():
-                x = self.generate(d.z, d.cond)
+                d.generated = self.generate(d.z, d.cond)
+        x = d.generated
         a = self.fake.alpha(d.t_fake)
         pred = self.fake(self.teacher.noised(x, d.t_fake, d.eps_fake), d.t_fake, d.cond)
         kind = self.ctx.prediction_type
@@ -245,10 +273,17 @@ class DMDMethod(Method):
         def fake_step():
             self.fake(d.z, d.t_fake, cond).eps.float().pow(2).mean().backward()
             clear_grads(params["fake"])
-        return {"generator_fwd_bwd": generator,
-                "real_score": no_grad_pass(lambda: self.teacher(d.z, d.t, cond, *guided)),
-                "fake_score": no_grad_pass(lambda: self.fake(d.z, d.t, cond)),
-                "fake_fwd_bwd": fake_step}
+        passes = {"generator_fwd_bwd": generator,
+                  "real_score": no_grad_pass(lambda: self.teacher(d.z, d.t, cond, *guided)),
+                  "fake_score": no_grad_pass(lambda: self.fake(d.z, d.t, cond)),
+                  "fake_fwd_bwd": fake_step}
+        if self.gan is not None:
+            def critic_step():
+                self.gan.critic_loss(d.real, d.z, d.t, d.eps, cond).backward()
+                clear_grads(params["critic"])
+            passes["gan_generator_bwd"] = lambda: self.gan.generator_loss(d.z, d.t, d.eps, cond)
+            passes["critic_fwd_bwd"] = critic_step
+        return passes
 
 
 register("dmd", DMDConfig, DMDMethod)

@@ -199,3 +199,23 @@ def test_dmd2_gan_needs_images_and_checkpoints_its_head(tmp_path):
     distill(run, examples=_images(pipe), pipe=pipe)
     state = torch.load(tmp_path / "run" / "0-dmd2-k1.ckpt", weights_only=True)
     assert set(state["optimizers"]) == {"student", "fake", "critic"} and "critic" in state["method"]
+
+
+def test_the_anchor_holds_the_student_below_the_input_timestep_to_where_the_stage_began(tmp_path):
+    """anchor_weight: ‖x̂₀ - x̂₀_start‖² at the pool's outputs noised to t; zero while the student
+    is the stage's starting one, positive once it moves, and its gradient reaches only the student."""
+    trainer = _trainer(tmp_path, "sd15", regression_weight=0.0, anchor_weight=2.0)
+    method, nets = trainer.method, trainer.method.ctx.nets
+    d = trainer.sample(0)
+    assert d.reg_x0 is not None  # the pool is built for the anchor alone too
+    _, logs = method.loss("student", d)
+    assert logs["anchor"] < 1e-12
+    with torch.no_grad():
+        for p in nets.trainable("student"):
+            p.add_(0.05 * torch.randn_like(p))
+    d = trainer.sample(0)
+    loss, logs = method.loss("student", d)
+    loss.backward()
+    assert logs["anchor"] > 0
+    assert all(p.grad is None for p in nets.trainable("fake"))
+    assert not any(p.requires_grad for n, p in nets.unet.named_parameters() if ".target." in n)

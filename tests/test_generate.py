@@ -202,7 +202,9 @@ def test_a_replacement_unet_loads_from_a_folder_or_either_single_file_layout(kin
 def test_a_unet_of_another_model_is_refused_in_one_line(tiny_dirs, tmp_path, capsys):
     other = load_pipeline(tiny_dirs["sdxl"], device="cpu").unet
     save_file(other.state_dict(), tmp_path / "sdxl-unet.safetensors")
-    for unet, message in ((tmp_path / "sdxl-unet.safetensors", "does not fit"), (tmp_path / "none", "not found")):
+    other.save_pretrained(tmp_path / "sdxl-unet")
+    for unet, message in ((tmp_path / "sdxl-unet.safetensors", "does not fit"), (tmp_path / "sdxl-unet", "does not fit"),
+                          (tmp_path / "none", "not found")):
         rc, out = _cli(tmp_path, "a cat", "--model", tiny_dirs["sd15"], "--unet", str(unet))
         err = capsys.readouterr().err
         assert rc == 2 and message in err.strip().splitlines()[-1] and not out.exists()

@@ -74,7 +74,9 @@ def load_unet(path: str, like) -> UNet2DConditionModel:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise UserError(f"{path} has no config.json: pass a diffusers UNet folder or a .safetensors file")
-        return UNet2DConditionModel.from_pretrained(p)
+        unet = UNet2DConditionModel.from_pretrained(p)
+        _check_fits(unet.state_dict(), like, path)
+        return unet
     if p.suffix != ".safetensors" or not p.exists():
         raise UserError(f"UNet {path} not found: pass a diffusers UNet folder or a .safetensors file")
     state = load_file(str(p))
@@ -84,13 +86,17 @@ def load_unet(path: str, like) -> UNet2DConditionModel:
             state = ldm_to_unet(state, unet)
     except ValueError as e:
         raise UserError(f"UNet {path} does not fit this base model: {e}") from e
-    want = unet.state_dict()
+    _check_fits(state, like, path)
+    unet.load_state_dict(state)
+    return unet
+
+
+def _check_fits(state: dict, like, path: str) -> None:
+    want = like.state_dict()
     wrong = sorted(set(want) ^ set(state)) + [k for k in set(want) & set(state) if want[k].shape != state[k].shape]
     if wrong:
         raise UserError(f"UNet {path} does not fit this base model ({len(wrong)} weights missing, extra or "
                         f"of another shape, e.g. {wrong[0]}): pass a UNet of this model's architecture")
-    unet.load_state_dict(state)
-    return unet
 
 
 def _load_base(model: str | None, config: str | None):

@@ -15,6 +15,9 @@ solved once when the stage starts (DMD's regression loss; Hyper-SD's MSE regular
 With ``gan_weight`` > 0 a classifier on the fake score's bottleneck learns to tell noised
 real images from noised G(z) in a "critic" phase, and G adds its non-saturating term
 (DMD2's GAN term, ``methods.gan``); the stage then needs images.
+With ``anchor_weight`` > 0 the student's x̂₀ at the pool's outputs noised to t (below the
+input timestep, where a multi-step sampler's later steps feed it) is held to the stage's
+starting student (the frozen "target" role), so that a unified LoRA keeps serving 2 to 8 steps.
 With ``rewards`` the generator's images (decoded) are also scored by reward models, as in
 feedback learning (Hyper-SD trains its one-step enhancement with the feedback terms). The
 fake score takes a step every optimizer step, the generator every ``update_ratio`` steps
@@ -57,6 +60,8 @@ class DMDConfig:
     gan_weight: float = 0.0            # weight of G's GAN term (0: no GAN term; DMD2 SDXL: 5e-3)
     gan_lr: float | None = None        # the classifier head's learning rate (None: the fake score's)
     gan_hidden: int = 64               # channels of the classifier head
+    anchor_weight: float = 0.0         # weight of ‖x̂₀ - x̂₀ of the stage's starting student‖² below
+                                       # the input timestep (keeps what multi-step sampling needs)
     recipe: str = "hyper-sd-unified"   # how the student is sampled
     steps_served: str = "1-8"
 
@@ -106,7 +111,8 @@ class Pool:
 
 
 class DMDMethod(Method):
-    """Phases "student" (the generator, every ``update_ratio`` steps) and "fake" (every step)."""
+    """Phases "student" (the generator, every ``update_ratio`` steps), "fake" (every step) and,
+    with the GAN term, "critic" (every step, after the fake score)."""
 
     needs_images = False
     unused_parameters = True           # student and fake score are two adapters of one UNet
@@ -114,11 +120,12 @@ class DMDMethod(Method):
     def __init__(self, cfg: DMDConfig, ctx: StageContext):
         super().__init__(cfg, ctx)
         ctx.nets.add_role("fake", trainable=True)  # starts as the teacher [DMD §3.2]
-        self.student, self.teacher, self.fake = (Denoiser(ctx.nets.view(r), ctx.alphas, ctx.prediction_type)
-                                                 for r in ("student", "teacher", "fake"))
+        roles = ("student", "teacher", "fake", "target")
+        self.student, self.teacher, self.fake, self.anchor = (Denoiser(ctx.nets.view(r), ctx.alphas,
+                                                                       ctx.prediction_type) for r in roles)
         config = ctx.nets.unet.config
         self.shape = (config.in_channels, config.sample_size, config.sample_size)
-        self.pool = self._teacher_pool() if cfg.regression_weight else None
+        self.pool = self._teacher_pool() if cfg.regression_weight or cfg.anchor_weight else None
         self.rewards = RewardLoss(cfg.rewards, ctx.vae) if cfg.rewards else None
         if self.rewards is not None and self.rewards.needs_references:
             raise ValueError("DMD trains from prompts: its reward terms cannot compare with real images")
@@ -191,24 +198,45 @@ class DMDMethod(Method):
         t = torch.full((len(z),), self.cfg.input_timestep, device=z.device)
         return self.student(z, t, cond).x0
 
+    def _student_pass(self, d: DMDDraw):
+        """One student forward for every generator term: G(z), G(z') of the regression pairs,
+        and x̂₀ at the pool's outputs noised to t (the anchor's inputs)."""
+        n, m = len(d.z), 0 if self.pool is None else len(d.reg_z)
+        full = lambda k, v: torch.full((k,), v, device=d.z.device)  # noqa: E731
+        x, t, cond = [d.z], [full(n, self.cfg.input_timestep)], d.cond
+        if self.pool is not None:
+            x.append(d.reg_z)
+            t.append(full(m, self.cfg.input_timestep))
+            cond = cat_cond(cond, d.reg_cond)
+        if self.cfg.anchor_weight:
+            x.append(self.teacher.noised(d.reg_x0, d.t[:m], d.eps[:m]))
+            t.append(d.t[:m])
+            cond = cat_cond(cond, d.reg_cond)
+        out = self.student(torch.cat(x), torch.cat(t), cond).x0
+        return out[:n], out[n:n + m], out[n + m:]
+
     def _generator_loss(self, d: DMDDraw):
-        n, cfg = len(d.z), self.cfg
-        if self.pool is None:
-            x = self.generate(d.z, d.cond)
-        else:  # one forward for both losses
-            x = self.generate(torch.cat([d.z, d.reg_z]), cat_cond(d.cond, d.reg_cond))
-        d.generated = x[:n].detach()
-        dm, logs = self._distribution_matching(x[:n], d)
+        cfg = self.cfg
+        x, x_reg, x_anchor = self._student_pass(d)
+        d.generated = x.detach()
+        dm, logs = self._distribution_matching(x, d)
         loss = cfg.dm_weight * dm
         if self.pool is not None:
-            reg = F.mse_loss(x[n:].float(), d.reg_x0.float())
+            reg = F.mse_loss(x_reg.float(), d.reg_x0.float())
             loss = loss + cfg.regression_weight * reg
             logs["regression"] = reg.item()
+        if cfg.anchor_weight:
+            with torch.no_grad():
+                m = len(x_anchor)
+                anchor = self.anchor(self.teacher.noised(d.reg_x0, d.t[:m], d.eps[:m]), d.t[:m], d.reg_cond).x0
+            drift = F.mse_loss(x_anchor.float(), anchor.float())
+            loss = loss + cfg.anchor_weight * drift
+            logs["anchor"] = drift.item()
         if self.rewards is not None:
-            feedback, reward_logs = self.rewards(x[:n], d.prompts)
+            feedback, reward_logs = self.rewards(x, d.prompts)
             loss, logs = loss + feedback, {**logs, **reward_logs}
         if self.gan is not None:
-            gan, logs["gan"] = self.gan.generator_loss(x[:n], d.t, d.eps, d.cond)
+            gan, logs["gan"] = self.gan.generator_loss(x, d.t, d.eps, d.cond)
             loss = loss + cfg.gan_weight * gan
         return loss, logs
 
@@ -259,15 +287,13 @@ class DMDMethod(Method):
 
     def passes(self, d: DMDDraw):
         """The passes of a step with both phases: G forward and backward (with the regression
-        pairs), the real and fake scores, the fake score's forward and backward. (A fake-only
-        step runs G without gradient instead of the first three.)"""
+        pairs and anchor inputs), the real and fake scores (and the anchor's), the fake
+        score's forward and backward. (A fake-only step runs G without gradient instead.)"""
         cond, params = d.cond, self.params()
-        z = torch.cat([d.z, d.reg_z]) if self.pool is not None else d.z
-        zc = cat_cond(d.cond, d.reg_cond) if self.pool is not None else d.cond
         guided = (d.uncond, self.cfg.real_guidance) if self.cfg.real_guidance > 1 else ()
 
         def generator():
-            self.generate(z, zc).float().pow(2).mean().backward()
+            torch.cat(self._student_pass(d)).float().pow(2).mean().backward()
             clear_grads(params["student"])
 
         def fake_step():
@@ -277,6 +303,8 @@ class DMDMethod(Method):
                   "real_score": no_grad_pass(lambda: self.teacher(d.z, d.t, cond, *guided)),
                   "fake_score": no_grad_pass(lambda: self.fake(d.z, d.t, cond)),
                   "fake_fwd_bwd": fake_step}
+        if self.cfg.anchor_weight:
+            passes["anchor_score"] = no_grad_pass(lambda: self.anchor(d.reg_z, d.t, d.reg_cond))
         if self.gan is not None:
             def critic_step():
                 self.gan.critic_loss(d.real, d.z, d.t, d.eps, cond).backward()

@@ -203,8 +203,9 @@ def test_a_unet_of_another_model_is_refused_in_one_line(tiny_dirs, tmp_path, cap
     other = load_pipeline(tiny_dirs["sdxl"], device="cpu").unet
     save_file(other.state_dict(), tmp_path / "sdxl-unet.safetensors")
     other.save_pretrained(tmp_path / "sdxl-unet")
-    for unet, message in ((tmp_path / "sdxl-unet.safetensors", "does not fit"), (tmp_path / "sdxl-unet", "does not fit"),
-                          (tmp_path / "none", "not found")):
+    cases = ((tmp_path / "sdxl-unet.safetensors", "does not fit"), (tmp_path / "sdxl-unet", "does not fit"),
+             (tmp_path / "none", "not found"))
+    for unet, message in cases:
         rc, out = _cli(tmp_path, "a cat", "--model", tiny_dirs["sd15"], "--unet", str(unet))
         err = capsys.readouterr().err
         assert rc == 2 and message in err.strip().splitlines()[-1] and not out.exists()

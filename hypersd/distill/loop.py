@@ -320,7 +320,6 @@ def _init_student(nets: Networks, start_from: str, previous: dict | None) -> Non
                          else nets.state("teacher"))
 
 
-
 def merged_lora(weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """``weights`` (a UNet state dict) with the LoRA file's ΔW = scale · B A added."""
     from hypersd.lora.tools import read_lora

@@ -287,8 +287,9 @@ class DMDMethod(Method):
 
     def passes(self, d: DMDDraw):
         """The passes of a step with both phases: G forward and backward (with the regression
-        pairs and anchor inputs), the real and fake scores (and the anchor's), the fake
-        score's forward and backward. (A fake-only step runs G without gradient instead.)"""
+        pairs and anchor inputs), the real and fake scores (and the anchor's), the reward terms'
+        decode and scoring with their backward, the fake score's forward and backward. (A
+        fake-only step runs G without gradient instead.)"""
         cond, params = d.cond, self.params()
         guided = (d.uncond, self.cfg.real_guidance) if self.cfg.real_guidance > 1 else ()
 
@@ -305,6 +306,8 @@ class DMDMethod(Method):
                   "fake_fwd_bwd": fake_step}
         if self.cfg.anchor_weight:
             passes["anchor_score"] = no_grad_pass(lambda: self.anchor(d.reg_z, d.t, d.reg_cond))
+        if self.rewards is not None:  # decode G's images and score them, back to the latents
+            passes["rewards_fwd_bwd"] = lambda: self.rewards(d.z.clone().requires_grad_(True), d.prompts)[0].backward()
         if self.gan is not None:
             def critic_step():
                 self.gan.critic_loss(d.real, d.z, d.t, d.eps, cond).backward()

@@ -2,6 +2,7 @@
 weights read, averaged and loaded while a role is sharded by torch's FSDP."""
 
 import json
+import os
 import sys
 
 import torch
@@ -38,8 +39,14 @@ def main(lora: bool, out: str) -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1] == "lora", sys.argv[2])
+    # Leave without the interpreter's teardown: on some runs a background thread of the CPU
+    # process group's FSDP state aborts the process at exit ("terminate called without an
+    # active exception") after all the work above has finished and been written.
+    sys.stdout.flush()
+    os._exit(0)

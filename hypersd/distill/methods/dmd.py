@@ -198,9 +198,16 @@ class DMDMethod(Method):
         t = torch.full((len(z),), self.cfg.input_timestep, device=z.device)
         return self.student(z, t, cond).x0
 
-    def _student_pass(self, d: DMDDraw):
+    def _anchor_input(self, d: DMDDraw) -> torch.Tensor | None:
+        """The anchor's inputs: the pool's outputs noised to the draw's t (None: no anchor)."""
+        if not self.cfg.anchor_weight:
+            return None
+        m = len(d.reg_z)
+        return self.teacher.noised(d.reg_x0, d.t[:m], d.eps[:m])
+
+    def _student_pass(self, d: DMDDraw, anchor_in: torch.Tensor | None):
         """One student forward for every generator term: G(z), G(z') of the regression pairs,
-        and x̂₀ at the pool's outputs noised to t (the anchor's inputs)."""
+        and x̂₀ at ``anchor_in`` (the anchor's inputs)."""
         n, m = len(d.z), 0 if self.pool is None else len(d.reg_z)
         full = lambda k, v: torch.full((k,), v, device=d.z.device)  # noqa: E731
         x, t, cond = [d.z], [full(n, self.cfg.input_timestep)], d.cond
@@ -208,8 +215,8 @@ class DMDMethod(Method):
             x.append(d.reg_z)
             t.append(full(m, self.cfg.input_timestep))
             cond = cat_cond(cond, d.reg_cond)
-        if self.cfg.anchor_weight:
-            x.append(self.teacher.noised(d.reg_x0, d.t[:m], d.eps[:m]))
+        if anchor_in is not None:
+            x.append(anchor_in)
             t.append(d.t[:m])
             cond = cat_cond(cond, d.reg_cond)
         out = self.student(torch.cat(x), torch.cat(t), cond).x0
@@ -217,7 +224,8 @@ class DMDMethod(Method):
 
     def _generator_loss(self, d: DMDDraw):
         cfg = self.cfg
-        x, x_reg, x_anchor = self._student_pass(d)
+        anchor_in = self._anchor_input(d)
+        x, x_reg, x_anchor = self._student_pass(d, anchor_in)
         d.generated = x.detach()
         dm, logs = self._distribution_matching(x, d)
         loss = cfg.dm_weight * dm
@@ -225,10 +233,9 @@ class DMDMethod(Method):
             reg = F.mse_loss(x_reg.float(), d.reg_x0.float())
             loss = loss + cfg.regression_weight * reg
             logs["regression"] = reg.item()
-        if cfg.anchor_weight:
+        if anchor_in is not None:
             with torch.no_grad():
-                m = len(x_anchor)
-                anchor = self.anchor(self.teacher.noised(d.reg_x0, d.t[:m], d.eps[:m]), d.t[:m], d.reg_cond).x0
+                anchor = self.anchor(anchor_in, d.t[:len(anchor_in)], d.reg_cond).x0
             drift = F.mse_loss(x_anchor.float(), anchor.float())
             loss = loss + cfg.anchor_weight * drift
             logs["anchor"] = drift.item()
@@ -294,7 +301,7 @@ class DMDMethod(Method):
         guided = (d.uncond, self.cfg.real_guidance) if self.cfg.real_guidance > 1 else ()
 
         def generator():
-            torch.cat(self._student_pass(d)).float().pow(2).mean().backward()
+            torch.cat(self._student_pass(d, self._anchor_input(d))).float().pow(2).mean().backward()
             clear_grads(params["student"])
 
         def fake_step():

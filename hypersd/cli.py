@@ -74,15 +74,22 @@ def _train_reward(args) -> None:
     print(f"wrote {train(_config_from_flags(config, args))}")
 
 
-def _eval(args) -> None:
-    from hypersd.evaluate import EvalConfig, run_eval
-    step_loras = {}
-    for item in args.step_lora or []:
+def _per_step(items: list[str] | None, flag: str) -> dict[int, str]:
+    """{N: PATH} from repeated ``N=PATH`` flags."""
+    out = {}
+    for item in items or []:
         n, sep, path = item.partition("=")
         if not (sep and n.isdigit() and path):
-            raise UserError(f"--step-lora {item!r}: write N=PATH, e.g. 4=stage-k4.safetensors")
-        step_loras[int(n)] = path
-    cfg = EvalConfig(model=args.model, unet=args.unet, loras=args.lora or [], step_loras=step_loras, recipe=args.recipe,
+            raise UserError(f"{flag} {item!r}: write N=PATH, e.g. 4=stage-4.safetensors")
+        out[int(n)] = path
+    return out
+
+
+def _eval(args) -> None:
+    from hypersd.evaluate import EvalConfig, run_eval
+    cfg = EvalConfig(model=args.model, unet=args.unet, loras=args.lora or [], recipe=args.recipe,
+                     step_loras=_per_step(args.step_lora, "--step-lora"),
+                     step_unets=_per_step(args.step_unet, "--step-unet"),
                      steps=[int(s) for s in args.steps.split(",")], label=args.label,
                      split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out,
                      clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward,
@@ -197,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--lora", action="append", metavar="PATH[:SCALE]")
     v.add_argument("--step-lora", action="append", metavar="N=PATH[:SCALE]",
                    help="a LoRA used only at N steps (Hyper-SD's N-step LoRAs); repeat per N")
+    v.add_argument("--step-unet", action="append", metavar="N=PATH",
+                   help="a UNet used only at N steps (SDXL-Lightning's N-step UNets); repeat per N")
     v.add_argument("--recipe", default="teacher")
     v.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
     v.add_argument("--label", help="row name in the table (default: recipe + LoRA)")

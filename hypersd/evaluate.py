@@ -37,6 +37,7 @@ class EvalConfig:
     unet: str | None = None                  # a UNet replacing the model's (full-network student)
     loras: list[str] = field(default_factory=list)
     step_loras: dict[int, str] = field(default_factory=dict)  # one LoRA per step count (N-step LoRAs)
+    step_unets: dict[int, str] = field(default_factory=dict)  # one UNet per step count (N-step UNets)
     recipe: str = "teacher"
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     label: str | None = None                 # row name; default: the recipe (plus LoRA file)
@@ -165,11 +166,11 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     out = Path(cfg.out_dir)
     every_lora = cfg.loras + list(cfg.step_loras.values())
-    label = cfg.label or "+".join([cfg.recipe] + [Path(p).stem for p in [cfg.unet] if p]
+    label = cfg.label or "+".join([cfg.recipe] + [Path(p).stem for p in [cfg.unet, *cfg.step_unets.values()] if p]
                                   + [Path(parse_lora(spec)[0]).stem for spec in every_lora])
-    missing = sorted(set(cfg.step_loras) - set(cfg.steps))
+    missing = sorted((set(cfg.step_loras) | set(cfg.step_unets)) - set(cfg.steps))
     if missing:
-        raise UserError(f"LoRAs are given for step counts {missing} that --steps does not list")
+        raise UserError(f"LoRAs or UNets are given for step counts {missing} that --steps does not list")
     for lora in every_lora:
         if not Path(parse_lora(lora)[0]).exists():
             raise UserError(f"LoRA file {parse_lora(lora)[0]} does not exist")
@@ -192,19 +193,21 @@ def run_eval(cfg: EvalConfig) -> dict:
     teacher = generate_set(pipe, reference_recipe, prompts, seeds,
                            out / "images" / f"reference-{tag}", cfg.batch, "teacher reference")
     reference = metrics.score(teacher, prompts).features
-    if cfg.unet:  # after the reference set, which the model's own UNet draws
-        pipe.unet = load_unet(cfg.unet, pipe.unet).to(pipe.device, pipe.dtype)
     results_file = out / "results.json"
     rows = json.loads(results_file.read_text()) if results_file.exists() else {}
-    grid_rows, loaded = [], None
+    grid_rows, loaded, base_unet, unet = [], None, pipe.unet, None
     for n in tqdm(cfg.steps, desc=f"eval {label}"):
+        if cfg.step_unets.get(n, cfg.unet) != unet:  # after the reference set, which the model's own UNet draws
+            unet, loaded = cfg.step_unets.get(n, cfg.unet), None
+            pipe.unload_lora_weights()
+            pipe.unet = base_unet if unet is None else load_unet(unet, base_unet).to(pipe.device, pipe.dtype)
         loras = cfg.loras + ([cfg.step_loras[n]] if n in cfg.step_loras else [])
         scaled = [(p, recipes[n].lora_scale if s is None else s) for p, s in map(parse_lora, loras)]
         if scaled != loaded:  # (re)load only when this step count needs other LoRAs or scales
             pipe.unload_lora_weights()
             load_loras(pipe, scaled)
             loaded = scaled
-        if recipes[n] == reference_recipe and not loras and not cfg.unet:  # the reference itself
+        if recipes[n] == reference_recipe and not loras and unet is None:  # the reference itself
             images = teacher
         else:
             images = generate_set(pipe, recipes[n], prompts, seeds,

@@ -121,3 +121,27 @@ def test_a_replacement_unet_draws_the_row_and_the_base_model_the_reference(tmp_p
     assert list(rows) == ["hyper-sdxl-1step-unet+unet@1"]
     np.testing.assert_array_equal(pixels("a", "reference-*"), pixels("b", "reference-*"))
     assert not np.array_equal(pixels("a", "hyper-sdxl-1step-unet_unet-1-*"), pixels("b", "hyper-sdxl-1step-unet-1-*"))
+
+
+def test_step_unets_draw_only_their_step_count(tmp_path, random_classifier):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from hypersd.generate import load_pipeline
+    unet = load_pipeline(device="cpu").unet
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(0.9)
+    unet.save_pretrained(tmp_path / "unet")
+    base = dict(recipe="lightning", steps=[1, 2], samples=4, batch=4, classifier=random_classifier,
+                grid_prompts=2, out_dir=str(tmp_path))
+    run_eval(EvalConfig(**base, label="plain"))
+    rows = run_eval(EvalConfig(**base, label="n-step", step_unets={2: str(tmp_path / "unet")}))
+    assert {"n-step@1", "n-step@2"} <= set(rows)
+
+    def pixels(label, n):
+        folder, = (tmp_path / "images").glob(f"{label}-{n}-*")
+        return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+    np.testing.assert_array_equal(pixels("n-step", 1), pixels("plain", 1))
+    assert not np.array_equal(pixels("n-step", 2), pixels("plain", 2))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hypersd.distill.data import emoji32_examples
 from hypersd.distill.export import save_lora
-from hypersd.distill.networks import Networks
+from hypersd.distill.networks import Networks, merged_lora  # noqa: F401 (merged_lora: API)
 from hypersd.distill.protocol import StageContext, methods
 from hypersd.distill.recipe import RunConfig
 from hypersd.errors import UserError
@@ -95,6 +95,7 @@ def distill(run: RunConfig, examples=None, pipe=None, accelerator: Accelerator |
         path, previous = _run_stage(run, index, ctx, examples, accelerator, previous,
                                     sdxl=hasattr(pipe, "text_encoder_2"), unet=pipe.unet)
         exported.append(path)
+        ctx.finished[run.stages[index].name] = Path(run.output_dir) / f"{run.stages[index].name}.ckpt"
     _report_replicas(run, ctx.nets, accelerator)
     accelerator.end_training()
     return exported
@@ -304,31 +305,11 @@ def _init_student(nets: Networks, start_from: str, previous: dict | None) -> Non
     if start_from == "previous" and previous is not None:
         nets.load_states(previous)
     elif start_from not in ("previous", "base"):
-        from safetensors.torch import load_file
-        if not Path(start_from).exists():
-            raise UserError(f"cannot start from {start_from}: no such LoRA file")
-        state = {k.removeprefix("unet."): v for k, v in load_file(start_from).items()}
         try:
-            if nets.lora is None and any("lora_" in k for k in state):  # a full student from base + LoRA
-                state = merged_lora(nets.state("teacher"), start_from)
-            nets.load_states(state)
-        except (RuntimeError, KeyError, ValueError) as e:
+            nets.load_states(nets.file_state(start_from))
+        except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"cannot start from {start_from}: {str(e).splitlines()[0][:200]}") from e
     else:  # a fresh LoRA: B = 0, so the student starts as the teacher
         nets.load_states({k: torch.zeros_like(v) if "lora_B" in k else v
                           for k, v in nets.state("student").items()} if nets.lora is not None
                          else nets.state("teacher"))
-
-
-def merged_lora(weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """``weights`` (a UNet state dict) with the LoRA file's ΔW = scale · B A added."""
-    from hypersd.lora.tools import read_lora
-    lf, out = read_lora(path), dict(weights)
-    for name, (a, b, _) in lf.modules.items():
-        key = name.removeprefix("unet.") + ".weight"
-        if key not in out:
-            raise KeyError(f"LoRA module {name} matches no weight of this UNet")
-        w = out[key]
-        delta = lf.scale_of(name) * (b.flatten(1).double() @ a.flatten(1).double())
-        out[key] = (w.double() + delta.view(w.shape)).to(w.dtype)
-    return out

@@ -216,6 +216,37 @@ class Networks:
             self.load_state(role, {k: torch.zeros_like(v) if "lora_B" in k else v
                                    for k, v in self.state(role).items()})
 
+    @torch.no_grad()
+    def merged_unet(self, role: str) -> torch.nn.Module:
+        """A standalone, frozen copy of ``role``'s UNet: for LoRA roles the base with the role's
+        ΔW folded in and no adapters left (``teacher``: the base weights)."""
+        if self.lora is None:
+            return copy.deepcopy(self._modules[role]).requires_grad_(False)
+        unet = copy.deepcopy(self.unet)
+        for name, module in list(unet.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                if role != "teacher" and role in module.lora_A:
+                    base.weight += module.get_delta_weight(role).to(base.weight.dtype)
+                parent, _, child = name.rpartition(".")
+                setattr(unet.get_submodule(parent) if parent else unet, child, base)
+        unet.peft_config, unet._hf_peft_config_loaded = {}, False
+        return unet.requires_grad_(False)
+
+    def file_state(self, path: str) -> dict[str, torch.Tensor]:
+        """The student weights a LoRA file gives: its adapter tensors, or for a full UNet the
+        base (the teacher's weights) with the file's ΔW merged in. Raises FileNotFoundError,
+        or KeyError for a file whose modules this UNet lacks."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+        if not Path(path).exists():
+            raise FileNotFoundError("no such LoRA file")
+        state = {k.removeprefix("unet."): v for k, v in load_file(path).items()}
+        if self.lora is None and any("lora_" in k for k in state):
+            return merged_lora(self.state("teacher"), path)
+        return state
+
     def teacher_features(self, x, t, cond) -> list[torch.Tensor]:
         """The frozen teacher's encoder features (the adversarial term's backbone)."""
         return self.features("teacher", x, t, cond)
@@ -230,3 +261,17 @@ class Networks:
             return encoder_features(self._modules[role], x, t, cond)
         self.activate(None if role == "teacher" else role)
         return encoder_features(self.unet, x, t, cond)
+
+
+def merged_lora(weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """``weights`` (a UNet state dict) with the LoRA file's ΔW = scale · B A added."""
+    from hypersd.lora.tools import read_lora
+    lf, out = read_lora(path), dict(weights)
+    for name, (a, b, _) in lf.modules.items():
+        key = name.removeprefix("unet.") + ".weight"
+        if key not in out:
+            raise KeyError(f"LoRA module {name} matches no weight of this UNet")
+        w = out[key]
+        delta = lf.scale_of(name) * (b.flatten(1).double() @ a.flatten(1).double())
+        out[key] = (w.double() + delta.view(w.shape)).to(w.dtype)
+    return out

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -43,6 +44,8 @@ class StageContext:
     probe: Batch | None = None         # two examples, for shape-dependent set-up (critic heads)
     data: Any = None                   # the run's examples (``Prompts``), for methods that precompute
     vae: Any = None                    # the base model's VAE, for methods that score decoded images
+    finished: dict[str, Path] = field(default_factory=dict)  # checkpoints of the run's finished
+                                       # stages by name, in order (a progressive stage's teacher)
 
 
 class Method:

@@ -125,3 +125,35 @@ def tcd_timesteps(num_steps: int, gamma: float, num_train_timesteps: int = T,
     ts = grid[idx]
     prev = list(ts[1:]) + [0]
     return [(int(t), int(np.floor((1 - gamma) * p))) for t, p in zip(ts, prev)]
+
+
+def trailing_timesteps(num_steps: int, num_train_timesteps: int = T) -> np.ndarray:
+    """A ``num_steps``-step sampler's timesteps with "trailing" spacing, from T - 1 down.
+
+    round(T - i·T/N) - 1 for i = 0..N-1, as diffusers' schedulers space them (N need not divide
+    T: 32 steps give 999, 968, 936, ...). [Lin et al. 2024, "Common diffusion noise schedules
+    and sample steps are flawed", §3.3; SDXL-Lightning samples on this grid.]
+    """
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"a sampler takes 1 to {num_train_timesteps} steps, got {num_steps}")
+    ratio = num_train_timesteps / num_steps
+    return np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
+
+
+def progressive_path(teacher_steps: int, student_steps: int, j, num_train_timesteps: int = T) -> np.ndarray:
+    """The teacher's timesteps over the student's step j: τ_0 = t_j > τ_1 > ... > τ_r = t_{j+1}.
+
+    Both samplers are trailing; the student's N/M-fold coarser grid is a subset of the teacher's
+    (r = N/M teacher steps per student step), and below the last timestep lies the clean image
+    (-1). [Progressive distillation, Salimans & Ho 2022; SDXL-Lightning §3: the student jumps
+    where the teacher lands after r of its steps.] ``j`` may be an array: the result is (r + 1, *shape).
+    """
+    if teacher_steps % student_steps:
+        raise ValueError(f"the teacher's {teacher_steps} steps must be a multiple of the student's {student_steps}")
+    r = teacher_steps // student_steps
+    grid = np.append(trailing_timesteps(teacher_steps, num_train_timesteps), -1)
+    j = np.asarray(j, dtype=np.int64)
+    if np.any((j < 0) | (j >= student_steps)):
+        raise ValueError(f"the student's step index must lie in [0, {student_steps}), got {j}")
+    i = np.arange(r + 1).reshape(-1, *([1] * j.ndim))
+    return grid[j * r + i]

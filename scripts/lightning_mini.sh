@@ -37,19 +37,20 @@ for stage in 1-lightning-8 2-lightning-4 3-lightning-2 4-lightning-1; do
 done
 evaluate "SDXL-Lightning N-step LoRAs" --step-lora "$L/lightning-mini" 1,2,4,8
 
+# the ablations' LoRAs stay out of the repository
+A=outputs/lightning-ablations
+mkdir -p "$A"
 $H distill lightning-mini-mse
 for stage in 1-pd-8 2-pd-4 3-pd-2 4-pd-1; do
-    export_lora lightning-mini-mse "$stage" "$L/lightning-mini-mse-${stage##*-}"
+    export_lora lightning-mini-mse "$stage" "$A/mse-${stage##*-}"
 done
-evaluate "Progressive distillation N-step LoRAs (MSE only)" --step-lora "$L/lightning-mini-mse" 1,2,4,8
+evaluate "Progressive distillation N-step LoRAs (MSE only)" --step-lora "$A/mse" 1,2,4,8
 
 $H distill lightning-mini-unet
 for n in 8 4 2 1; do export_unet lightning-mini-unet "unet-$n" "lightning-mini-unet-$n"; done
 evaluate "SDXL-Lightning N-step UNets (full network)" --step-unet "$U/lightning-mini-unet" 1,2,4,8
 
-$H distill lightning-mini-ablations  # their LoRAs stay out of the repository
-A=outputs/lightning-ablations
-mkdir -p "$A"
+$H distill lightning-mini-ablations
 for kind in no-fix cond; do
     for n in 2 1; do export_lora lightning-mini-ablations "$kind-$n" "$A/$kind-$n"; done
 done

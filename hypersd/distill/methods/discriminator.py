@@ -1,12 +1,12 @@
 """SDXL-Lightning's discriminator: a trainable copy of the UNet's encoder and mid block, with a
 head on each level, that tells the teacher's landing point from the student's.
 
-[SDXL-Lightning, Lin et al. 2024, §3.3: the backbone is the diffusion UNet's encoder and mid
+[SDXL-Lightning, Lin et al. 2024: the backbone is the diffusion UNet's encoder and mid
 block, initialised from the teacher and trained (not frozen); it judges the candidate
-x_{t-ns} at its timestep together with x_t at t, so it learns the flow and not only the image;
-each level gets a 4x4 stride-2 conv + GroupNorm + SiLU head; the loss is non-saturating; a
-fresh discriminator starts every stage. §3.4: the unconditional objective shows the
-candidate alone, which removes the "Janus" artifacts of the conditional one.]
+x_{t-ns} at its timestep together with x_t at t, so it learns the flow and not only the
+image; each level gets a 4x4 stride-2 conv + GroupNorm + SiLU head; the loss is
+non-saturating; a fresh discriminator starts every stage. Its unconditional objective shows
+the candidate alone, which the paper uses to remove the conditional one's "Janus" artifacts.]
 
 The candidate's features and x_t's are concatenated per level before its head. In the
 generator's term every parameter of the discriminator is frozen, so the student learns through

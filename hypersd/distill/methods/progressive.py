@@ -7,7 +7,7 @@ SDXL-Lightning, Lin et al. 2024]. One example:
   2. x_{t_j} = √ᾱ x₀ + √(1-ᾱ) ε, except at t = T - 1 where it is pure noise ε (the schedule
      fix: SD's ᾱ never reaches 0, but sampling starts from pure noise);
   3. real = the teacher's DDIM solve over its N/M steps between t_j and t_{j+1} (guided at ω
-     when the teacher is the base model), no gradient;
+     with ``guidance``, as the base model is), no gradient;
   4. fake = Ψ(x_{t_j}, f_stu(x_{t_j}, t_j), t_{j+1}), the student's single step;
   5. loss = w_mse · |fake - real|² + λ · softplus(-D(fake | x_t)), D Lightning's discriminator.
 The adversarial phases: for the first ``conditional_steps`` steps a discriminator that sees
@@ -47,7 +47,7 @@ class ProgressiveConfig:
     student_steps: int = 8             # M
     teacher_steps: int = 32            # N, a multiple of M: each student step spans N/M of the teacher's
     teacher: str = "previous"          # "previous" stage's student, "base", a finished stage's name, a LoRA file
-    guidance: tuple[float, float] | None = None  # ω ~ U[lo, hi] for a base teacher (distilled ones: None)
+    guidance: tuple[float, float] | None = None  # the teacher's CFG ω ~ U[lo, hi] (the base's; None: unguided)
     mse_weight: float = 1.0            # w_mse
     adversarial: LightningAdversarialConfig | None = None
     pure_noise: bool = True            # train at t = T - 1 from pure noise (the schedule fix)
@@ -150,7 +150,7 @@ class ProgressiveMethod(Method):
         n, x0 = len(batch.latents), batch.latents
         j = torch.randint(0, self.cfg.student_steps, (n,), generator=g)
         noise = torch.randn(x0.shape, generator=g).to(x0)
-        if self.cfg.guidance is None or self.teacher_role != "teacher":
+        if self.cfg.guidance is None:
             omega = torch.ones(n, dtype=torch.float64)
         else:
             lo, hi = self.cfg.guidance

@@ -15,12 +15,11 @@ REWARDS="--reward mini-adherence --reward mini-structure"
 # export_lora RUN STAGE PATH: the stage's LoRA as PATH.safetensors (fp16)
 export_lora() { $H lora convert "runs/distill/$1/$2.safetensors" "$3.safetensors" --dtype fp16; }
 
-# export_unet RUN STAGE NAME: the stage's original-layout UNet file as benchmarks/unets/NAME (fp16)
+# export_unet RUN STAGE PATH: the stage's original-layout UNet file as PATH.safetensors (fp16)
 export_unet() {
-    mkdir -p "$U"
     .venv/bin/python -c "import sys; from safetensors import safe_open; from safetensors.torch import save_file
 with safe_open(sys.argv[1], 'pt') as f: save_file({k: f.get_tensor(k).half() for k in f.keys()}, sys.argv[2], f.metadata())" \
-        "runs/distill/$1/$2.safetensors" "$U/$3.safetensors"
+        "runs/distill/$1/$2.safetensors" "$3.safetensors"
 }
 
 # evaluate LABEL FLAG PREFIX STEPS: one row per step count N, each with its own N-step file
@@ -47,7 +46,8 @@ done
 evaluate "Progressive distillation N-step LoRAs (MSE only)" --step-lora "$A/mse" 1,2,4,8
 
 $H distill lightning-mini-unet
-for n in 8 4 2 1; do export_unet lightning-mini-unet "unet-$n" "lightning-mini-unet-$n"; done
+mkdir -p "$U"
+for n in 8 4 2 1; do export_unet lightning-mini-unet "unet-$n" "$U/lightning-mini-unet-$n"; done
 evaluate "SDXL-Lightning N-step UNets (full network)" --step-unet "$U/lightning-mini-unet" 1,2,4,8
 
 $H distill lightning-mini-ablations
@@ -56,3 +56,15 @@ for kind in no-fix cond; do
 done
 evaluate "SDXL-Lightning LoRAs, no schedule fix" --step-lora "$A/no-fix" 1,2
 evaluate "SDXL-Lightning LoRAs, conditional discriminator only" --step-lora "$A/cond" 1,2
+
+$H distill lightning-mini-mixed
+for stage in 1-mixed-8 2-mixed-4 3-mixed-2 4-mixed-1; do
+    export_lora lightning-mini-mixed "$stage" "$A/mixed-${stage##*-}"
+done
+evaluate "SDXL-Lightning N-step LoRAs, MSE kept beside the adversarial term" --step-lora "$A/mixed" 1,2,4,8
+
+# the full-network fine-tune at ten times the recipe's learning rate
+lr=(); for i in 0 1 2 3; do lr+=(--set "stages.$i.lr=1e-5"); done
+$H distill lightning-mini-unet --set output_dir=runs/distill/lightning-mini-unet-lr1e-5 "${lr[@]}"
+for n in 8 4 2 1; do export_unet lightning-mini-unet-lr1e-5 "unet-$n" "$A/unet-lr1e-5-$n"; done
+evaluate "SDXL-Lightning N-step UNets (full network, lr 1e-5)" --step-unet "$A/unet-lr1e-5" 1,2,4,8

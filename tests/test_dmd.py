@@ -146,7 +146,7 @@ def test_full_unet_dmd_trains_a_copy_as_the_fake_score(tmp_path):
 def test_a_full_student_starts_from_base_plus_lora_as_diffusers_fuses_it(tmp_path):
     """start_from a LoRA file on a full-UNet run: the student is the base with ΔW merged,
     equal to diffusers' fuse_lora of the same file."""
-    from hypersd.distill.loop import merged_lora
+    from hypersd.distill.networks import merged_lora
     lora_run = _run(tmp_path, steps=2)
     pipe = tiny_sd15()
     lora, = distill(lora_run, examples=Prompts(pipe, PROMPTS), pipe=pipe)

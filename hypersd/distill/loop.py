@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hypersd.distill.data import emoji32_examples
 from hypersd.distill.export import save_lora
-from hypersd.distill.networks import Networks, merged_lora  # noqa: F401 (merged_lora: API)
+from hypersd.distill.networks import Networks
 from hypersd.distill.protocol import StageContext, methods
 from hypersd.distill.recipe import RunConfig
 from hypersd.errors import UserError

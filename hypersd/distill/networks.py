@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
@@ -209,9 +210,8 @@ class Networks:
             self._modules["teacher"].load_state_dict(self._modules["student"].state_dict())
             return
         for module in self.unet.modules():
-            if isinstance(module, BaseTunerLayer) and "student" in module.lora_A:
-                base = module.get_base_layer()
-                base.weight += module.get_delta_weight("student").to(base.weight.dtype)
+            if isinstance(module, BaseTunerLayer):
+                _fold(module, "student")
         for role in self.roles()[1:]:
             self.load_state(role, {k: torch.zeros_like(v) if "lora_B" in k else v
                                    for k, v in self.state(role).items()})
@@ -225,9 +225,7 @@ class Networks:
         unet = copy.deepcopy(self.unet)
         for name, module in list(unet.named_modules()):
             if isinstance(module, BaseTunerLayer):
-                base = module.get_base_layer()
-                if role != "teacher" and role in module.lora_A:
-                    base.weight += module.get_delta_weight(role).to(base.weight.dtype)
+                base = _fold(module, role)
                 parent, _, child = name.rpartition(".")
                 setattr(unet.get_submodule(parent) if parent else unet, child, base)
         unet.peft_config, unet._hf_peft_config_loaded = {}, False
@@ -237,8 +235,6 @@ class Networks:
         """The student weights a LoRA file gives: its adapter tensors, or for a full UNet the
         base (the teacher's weights) with the file's ΔW merged in. Raises FileNotFoundError,
         or KeyError for a file whose modules this UNet lacks."""
-        from pathlib import Path
-
         from safetensors.torch import load_file
         if not Path(path).exists():
             raise FileNotFoundError("no such LoRA file")
@@ -261,6 +257,14 @@ class Networks:
             return encoder_features(self._modules[role], x, t, cond)
         self.activate(None if role == "teacher" else role)
         return encoder_features(self.unet, x, t, cond)
+
+
+def _fold(layer: BaseTunerLayer, role: str) -> torch.nn.Module:
+    """Add ``role``'s ΔW to the layer's base weights (none for the teacher); return the base layer."""
+    base = layer.get_base_layer()
+    if role != "teacher" and role in layer.lora_A:
+        base.weight += layer.get_delta_weight(role).to(base.weight.dtype)
+    return base
 
 
 def merged_lora(weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:

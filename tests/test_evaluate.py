@@ -98,26 +98,38 @@ def test_cli_step_lora_needs_n_equals_path(tmp_path, capsys):
     assert "write N=PATH" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-def test_a_replacement_unet_draws_the_row_and_the_base_model_the_reference(tmp_path, random_classifier):
-    """eval --unet: the model's own UNet draws the teacher reference, the given UNet the row."""
-    import numpy as np
+def _scaled_unet(folder) -> str:
+    """The bundled UNet with every weight scaled by 0.9, saved as a diffusers folder."""
     import torch
-    from PIL import Image
 
     from hypersd.generate import load_pipeline
     unet = load_pipeline(device="cpu").unet
     with torch.no_grad():
         for p in unet.parameters():
             p.mul_(0.9)
-    unet.save_pretrained(tmp_path / "unet")
+    unet.save_pretrained(folder)
+    return str(folder)
+
+
+def _pixels(images, pattern):
+    """The one image folder below ``images`` matching ``pattern``, as an array."""
+    import numpy as np
+    from PIL import Image
+    folder, = images.glob(pattern)
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+
+
+def test_a_replacement_unet_draws_the_row_and_the_base_model_the_reference(tmp_path, random_classifier):
+    """eval --unet: the model's own UNet draws the teacher reference, the given UNet the row."""
+    import numpy as np
+    unet = _scaled_unet(tmp_path / "unet")
     base = dict(recipe="hyper-sdxl-1step-unet", steps=[1], samples=4, batch=4, classifier=random_classifier,
                 grid_prompts=2)
-    rows = run_eval(EvalConfig(**base, unet=str(tmp_path / "unet"), out_dir=str(tmp_path / "a")))
+    rows = run_eval(EvalConfig(**base, unet=unet, out_dir=str(tmp_path / "a")))
     run_eval(EvalConfig(**base, out_dir=str(tmp_path / "b")))
 
     def pixels(root, pattern):
-        folder, = (tmp_path / root / "images").glob(pattern)
-        return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+        return _pixels(tmp_path / root / "images", pattern)
     assert list(rows) == ["hyper-sdxl-1step-unet+unet@1"]
     np.testing.assert_array_equal(pixels("a", "reference-*"), pixels("b", "reference-*"))
     assert not np.array_equal(pixels("a", "hyper-sdxl-1step-unet_unet-1-*"), pixels("b", "hyper-sdxl-1step-unet-1-*"))
@@ -125,23 +137,12 @@ def test_a_replacement_unet_draws_the_row_and_the_base_model_the_reference(tmp_p
 
 def test_step_unets_draw_only_their_step_count(tmp_path, random_classifier):
     import numpy as np
-    import torch
-    from PIL import Image
-
-    from hypersd.generate import load_pipeline
-    unet = load_pipeline(device="cpu").unet
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.mul_(0.9)
-    unet.save_pretrained(tmp_path / "unet")
+    unet = _scaled_unet(tmp_path / "unet")
     base = dict(recipe="lightning", steps=[1, 2], samples=4, batch=4, classifier=random_classifier,
                 grid_prompts=2, out_dir=str(tmp_path))
     run_eval(EvalConfig(**base, label="plain"))
-    rows = run_eval(EvalConfig(**base, label="n-step", step_unets={2: str(tmp_path / "unet")}))
+    rows = run_eval(EvalConfig(**base, label="n-step", step_unets={2: unet}))
     assert {"n-step@1", "n-step@2"} <= set(rows)
-
-    def pixels(label, n):
-        folder, = (tmp_path / "images").glob(f"{label}-{n}-*")
-        return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
-    np.testing.assert_array_equal(pixels("n-step", 1), pixels("plain", 1))
-    assert not np.array_equal(pixels("n-step", 2), pixels("plain", 2))
+    images = tmp_path / "images"
+    np.testing.assert_array_equal(_pixels(images, "n-step-1-*"), _pixels(images, "plain-1-*"))
+    assert not np.array_equal(_pixels(images, "n-step-2-*"), _pixels(images, "plain-2-*"))

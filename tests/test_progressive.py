@@ -210,3 +210,13 @@ def test_bad_settings_are_refused():
         ProgressiveConfig(prediction="x0")
     with pytest.raises(ValueError, match="mse_weight"):
         ProgressiveConfig(mse_weight=0.0)
+    with pytest.raises(ValueError, match="conditional_steps"):
+        LightningAdversarialConfig(conditional_steps=-2)
+    with pytest.raises(ValueError, match="unconditional"):
+        LightningAdversarialConfig(conditional_steps=0, unconditional=False)
+
+
+def test_without_the_unconditional_fine_tune_the_conditional_discriminator_stays():
+    method, _ = _method(tiny_sd15(), teacher="base", teacher_steps=4, student_steps=2,
+                        adversarial=LightningAdversarialConfig(conditional_steps=3, unconditional=False))
+    assert list(method.critics) == ["critic"] and method.phases(5) == ["student", "critic"]

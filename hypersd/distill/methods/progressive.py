@@ -37,7 +37,14 @@ class LightningAdversarialConfig:
     lr: float = 1e-4                   # the discriminator's learning rate, Adam β = (0, 0.99)
     hidden: int = 64                   # channels of each head
     conditional_steps: int = -1        # steps with the conditional discriminator; -1: all of them
-    unconditional: bool = True         # after them, fine-tune against a candidate-only discriminator
+    unconditional: bool = True         # after them, a fresh candidate-only one (False: keep the
+                                       # conditional one)
+
+    def __post_init__(self):
+        if self.conditional_steps < -1:
+            raise ValueError(f"conditional_steps must be -1 (all), 0 or more, not {self.conditional_steps}")
+        if self.conditional_steps == 0 and not self.unconditional:
+            raise ValueError("conditional_steps 0 needs the unconditional discriminator (unconditional: true)")
 
 
 @dataclass
@@ -93,7 +100,6 @@ class ProgressiveMethod(Method):
             teacher = next(reversed(ctx.finished), "base")
         if teacher == "base":
             return "teacher"
-        ctx.nets.add_role("progressive_teacher")
         if teacher in ctx.finished:
             state = torch.load(ctx.finished[teacher], map_location="cpu", weights_only=True)["student"]
         elif teacher.endswith(".safetensors"):
@@ -105,6 +111,7 @@ class ProgressiveMethod(Method):
             done = ", ".join(ctx.finished) or "none"
             raise ValueError(f"teacher {teacher!r} is no finished stage of this run ({done}), "
                              f"'base', 'previous' or a LoRA file")
+        ctx.nets.add_role("progressive_teacher")
         ctx.nets.load_state("progressive_teacher", state)
         return "progressive_teacher"
 
@@ -121,8 +128,8 @@ class ProgressiveMethod(Method):
         adv = self.cfg.adversarial
         if not self.critics:
             return None
-        late = adv.conditional_steps != -1 and step >= adv.conditional_steps
-        return self.critics.get("critic_uncond" if late else "critic")
+        late = adv.conditional_steps != -1 and step >= adv.conditional_steps and "critic_uncond" in self.critics
+        return self.critics["critic_uncond" if late else "critic"]
 
     def phases(self, step: int) -> list[str]:
         self._critic = self.critic_at(step)

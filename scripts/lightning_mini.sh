@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SDXL-Lightning on the bundled mini model: the progressive adversarial LoRAs, the full-UNet
-# students, and the ablations (MSE-only progression, no schedule fix, no unconditional
-# fine-tune), each evaluated into benchmarks/eval beside the other methods. The commands
+# students, and the ablations (MSE-only progression, MSE kept beside the adversarial term, no
+# schedule fix, no unconditional fine-tune, the full-network fine-tune at lr 1e-5), each
+# evaluated into benchmarks/eval beside the other methods. The commands
 # behind the Lightning rows of benchmarks/eval and the lightning-mini files of
 # benchmarks/loras and benchmarks/unets. Rerun to continue after an interruption.
 set -euo pipefail

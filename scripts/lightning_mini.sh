@@ -12,6 +12,8 @@ OUT=${OUT:-benchmarks/eval}
 L=benchmarks/loras
 U=benchmarks/unets
 REWARDS="--reward mini-adherence --reward mini-structure"
+A=outputs/lightning-ablations  # what stays out of the repository: ablations, the 2-8 step UNets
+mkdir -p "$A"
 
 # export_lora RUN STAGE PATH: the stage's LoRA as PATH.safetensors (fp16)
 export_lora() { $H lora convert "runs/distill/$1/$2.safetensors" "$3.safetensors" --dtype fp16; }
@@ -37,9 +39,6 @@ for stage in 1-lightning-8 2-lightning-4 3-lightning-2 4-lightning-1; do
 done
 evaluate "SDXL-Lightning N-step LoRAs" --step-lora "$L/lightning-mini" 1,2,4,8
 
-# the ablations' LoRAs stay out of the repository
-A=outputs/lightning-ablations
-mkdir -p "$A"
 $H distill lightning-mini-mse
 for stage in 1-pd-8 2-pd-4 3-pd-2 4-pd-1; do
     export_lora lightning-mini-mse "$stage" "$A/mse-${stage##*-}"
@@ -47,9 +46,11 @@ done
 evaluate "Progressive distillation N-step LoRAs (MSE only)" --step-lora "$A/mse" 1,2,4,8
 
 $H distill lightning-mini-unet
+for n in 8 4 2 1; do export_unet lightning-mini-unet "unet-$n" "$A/unet-$n"; done
+evaluate "SDXL-Lightning N-step UNets (full network)" --step-unet "$A/unet" 1,2,4,8
+# only the 1-step UNet is committed: at 2-8 steps the full networks are level with the LoRAs
 mkdir -p "$U"
-for n in 8 4 2 1; do export_unet lightning-mini-unet "unet-$n" "$U/lightning-mini-unet-$n"; done
-evaluate "SDXL-Lightning N-step UNets (full network)" --step-unet "$U/lightning-mini-unet" 1,2,4,8
+cp "$A/unet-1.safetensors" "$U/lightning-mini-unet-1.safetensors"
 
 $H distill lightning-mini-ablations
 for kind in no-fix cond; do

@@ -8,9 +8,10 @@ only the heads.] Here the backbone is the frozen teacher; each encoder level (an
 block) gets a head on the channel-concatenated features of x_t and of the candidate. With
 ``conditional=False`` the heads see the candidate alone (Lightning's second phase).
 
-Generator and critic are separate phases with their own optimizers; the critic's heads are
-the only parameters its loss trains, and the generator's loss reaches the student only
-through the candidate (the heads are frozen while it is computed).
+Generator and critic are separate phases with their own optimizers; the critic's loss
+trains the heads (and a backbone of its own, if given: ``methods/progressive.py``), and the
+generator's loss reaches the student only through the candidate (the discriminator is
+frozen while it is computed).
 """
 
 from __future__ import annotations
@@ -73,21 +74,25 @@ class AdversarialConfig:
 
 
 class Discriminator(nn.Module):
-    """Heads over frozen encoder features; ``features(x, t, cond)`` is the backbone."""
+    """Heads over encoder features; ``features(x, t, cond)`` is the backbone: a frozen one (the
+    teacher's), or with ``backbone`` a UNet of its own whose encoder trains with the heads
+    (SDXL-Lightning's discriminator)."""
 
-    def __init__(self, features, probe: tuple[torch.Tensor, torch.Tensor, dict], cfg: AdversarialConfig):
+    def __init__(self, features, probe: tuple[torch.Tensor, torch.Tensor, dict], cfg: AdversarialConfig,
+                 backbone: nn.Module | None = None):
         super().__init__()
-        self.features, self.cfg = features, cfg
+        self.cfg, self.backbone = cfg, backbone
+        self.features = features if backbone is None else (lambda x, t, c: encoder_features(self.backbone, x, t, c))
         with torch.no_grad():
-            shapes = [f.shape for f in features(*probe)]
+            shapes = [f.shape for f in self.features(*probe)]
         mult = 2 if cfg.conditional else 1
         self.heads = nn.ModuleList(FeatureHead(mult * s[1], s[-1], cfg.hidden) for s in shapes)
 
     def forward(self, candidate, t_end, x_t, t, cond) -> torch.Tensor:
         """One logit per example (mean over heads and positions)."""
         feats = self.features(candidate, t_end.clamp(min=0), cond)
-        if self.cfg.conditional:
-            with torch.no_grad():
+        if self.cfg.conditional:  # x_t's features train a backbone of its own, never a frozen one
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone is not None):
                 ctx = self.features(x_t, t, cond)
             feats = [torch.cat([f, c], dim=1) for f, c in zip(feats, ctx)]
         return torch.stack([h(f.float()).mean(dim=(1, 2, 3)) for h, f in zip(self.heads, feats)]).mean(0)
@@ -113,29 +118,28 @@ class Discriminator(nn.Module):
 
 
 class AdversarialTerm:
-    """A fresh critic for one stage (re-initialised every stage, as Lightning does): the heads,
-    their phase name, and the generator/critic losses on a candidate."""
+    """A fresh critic for one stage (re-initialised every stage, as Lightning does): the
+    discriminator, its phase name, and the generator/critic losses on a candidate."""
 
-    phase = "critic"
-
-    def __init__(self, cfg: AdversarialConfig, nets, probe):
-        self.cfg = cfg
-        self.disc = Discriminator(nets.teacher_features, (probe.latents, torch.tensor([999, 0]), probe.cond), cfg)
+    def __init__(self, cfg: AdversarialConfig, features, probe, backbone: nn.Module | None = None,
+                 phase: str = "critic"):
+        self.cfg, self.phase = cfg, phase
+        self.disc = Discriminator(features, (probe.latents, torch.tensor([999, 0]), probe.cond), cfg, backbone)
         self._forward = self.disc
 
     def params(self) -> list[nn.Parameter]:
-        return list(self.disc.heads.parameters())
+        return list(self.disc.parameters())  # the heads (and a backbone of its own)
 
     def wrapped(self, module) -> None:
         self._forward = module
 
     def generator_loss(self, candidate, t_end, x_t, t, cond) -> torch.Tensor:
-        """Mean generator term; the heads are frozen, so only the candidate's source learns."""
-        self.disc.heads.requires_grad_(False)
+        """Mean generator term; the discriminator is frozen, so only the candidate's source learns."""
+        self.disc.requires_grad_(False)
         try:
             return self.disc.generator_loss(candidate, t_end, x_t, t, cond).mean()
         finally:
-            self.disc.heads.requires_grad_(True)
+            self.disc.requires_grad_(True)
 
     def critic_loss(self, real, fake, t_end, x_t, t, cond) -> torch.Tensor:
         return self.disc.critic_loss(real, fake, t_end, x_t, t, cond, forward=self._forward).mean()

@@ -89,7 +89,8 @@ class ConsistencyMethod(Method):
             huber_c=getattr(cfg, "huber_c", 0.001), boundary=rule.boundary, offset_noise=ctx.offset_noise))
         self.student, self.teacher, self.target = (Denoiser(ctx.nets.view(r), ctx.alphas, ctx.prediction_type)
                                                    for r in ("student", "teacher", "target"))
-        self.critic = AdversarialTerm(cfg.adversarial, ctx.nets, ctx.probe) if cfg.adversarial else None
+        self.critic = (AdversarialTerm(cfg.adversarial, ctx.nets.teacher_features, ctx.probe)
+                       if cfg.adversarial else None)
 
     def phases(self, step: int) -> list[str]:
         return ["student", "critic"] if self.critic else ["student"]

@@ -10,10 +10,13 @@ SDXL-Lightning, Lin et al. 2024]. One example:
      with ``guidance``, as the base model is), no gradient;
   4. fake = Ψ(x_{t_j}, f_stu(x_{t_j}, t_j), t_{j+1}), the student's single step;
   5. loss = w_mse · |fake - real|² + λ · softplus(-D(fake | x_t)), D Lightning's discriminator.
-The adversarial phases: for the first ``conditional_steps`` steps a discriminator that sees
-(x_t, candidate), then a fresh one that sees the candidate alone (the unconditional
-fine-tune). A finished stage is the next one's teacher (``teacher: previous``); any finished
-stage can be named instead (a skip-level teacher), or a LoRA file.
+The adversarial phases [SDXL-Lightning: the discriminator is a trainable copy of the
+teacher's encoder and mid block with a 4x4 stride-2 conv + GroupNorm + SiLU head per level,
+non-saturating, fresh every stage]: for the first ``conditional_steps`` steps a discriminator
+that sees (x_t, candidate), then a fresh one that sees the candidate alone (the unconditional
+fine-tune, the paper's remedy for "Janus" artifacts). A finished stage is the next one's
+teacher (``teacher: previous``); any finished stage can be named instead (a skip-level
+teacher), or a LoRA file.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from hypersd.distill.data import Batch
 from hypersd.distill.denoiser import PREDICTION_TYPES, Denoiser
-from hypersd.distill.methods.discriminator import LightningCritic
+from hypersd.distill.methods.adversarial import AdversarialConfig, AdversarialTerm
 from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
 from hypersd.distill.schedule import T, ddim_step, progressive_path, trailing_timesteps
 
@@ -115,16 +118,19 @@ class ProgressiveMethod(Method):
         ctx.nets.load_state("progressive_teacher", state)
         return "progressive_teacher"
 
-    def _critics(self, adv: LightningAdversarialConfig, ctx: StageContext) -> dict[str, LightningCritic]:
-        """Fresh discriminators initialised from the teacher: conditional, then unconditional."""
-        probe = (ctx.probe.latents, torch.tensor([T - 1, 0]), ctx.probe.cond)
+    def _critics(self, adv: LightningAdversarialConfig, ctx: StageContext) -> dict[str, AdversarialTerm]:
+        """Fresh discriminators, each with a trainable copy of the teacher's encoder and mid
+        block: conditional, then unconditional."""
         kinds = {"critic": True} if adv.conditional_steps != 0 else {}
         if adv.unconditional and adv.conditional_steps != -1:
             kinds["critic_uncond"] = False
-        return {phase: LightningCritic(phase, ctx.nets.merged_unet(self.teacher_role), probe, conditional, adv.hidden)
-                for phase, conditional in kinds.items()}
+        def critic(phase: str, conditional: bool) -> AdversarialTerm:
+            cfg = AdversarialConfig(adv.weight, "nonsaturating", conditional, adv.lr, adv.hidden)
+            backbone = encoder_only(ctx.nets.merged_unet(self.teacher_role))
+            return AdversarialTerm(cfg, None, ctx.probe, backbone, phase)
+        return {phase: critic(phase, conditional) for phase, conditional in kinds.items()}
 
-    def critic_at(self, step: int) -> LightningCritic | None:
+    def critic_at(self, step: int) -> AdversarialTerm | None:
         adv = self.cfg.adversarial
         if not self.critics:
             return None
@@ -241,6 +247,13 @@ class ProgressiveMethod(Method):
             critic.critic_loss(x_t, x_t, s, x_t, t, d.cond).backward()
             clear_grads(critic.params())
         return {"generator_term_fwd_bwd": generator_term, f"{critic.phase}_fwd_bwd": critic_step}
+
+
+def encoder_only(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` (a standalone copy) without its decoder, trainable: a discriminator's backbone."""
+    unet.up_blocks = torch.nn.ModuleList()
+    unet.conv_norm_out = unet.conv_act = unet.conv_out = None
+    return unet.train().requires_grad_(True)
 
 
 register("progressive", ProgressiveConfig, ProgressiveMethod)

@@ -1,5 +1,6 @@
 """Files that are either whole or absent: write to a temporary name beside the target, then
-rename over it (a rename within one folder is atomic), so a crash never leaves half a file."""
+rename over it (a rename within one folder is atomic), so a crash never leaves half a file.
+The temporary copy is fsynced before the rename, so a power cut cannot expose it unwritten."""
 
 from __future__ import annotations
 
@@ -26,9 +27,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    fsync_tree(tmp)
     if path.is_dir() and tmp.is_dir():
         shutil.rmtree(path)
     os.replace(tmp, path)
+    fsync_tree(path.parent, recursive=False)
+
+
+def fsync_tree(path: Path, recursive: bool = True) -> None:
+    """Flush ``path`` (a file, or a folder with, if ``recursive``, everything in it) to disk,
+    so that a rename after it never exposes data the disk does not hold yet."""
+    if recursive and path.is_dir():
+        for child in path.iterdir():
+            fsync_tree(child)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

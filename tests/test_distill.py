@@ -8,12 +8,19 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
+from hypersd.checkpoint import latest
 from hypersd.distill.data import LatentCaptions
 from hypersd.distill.loop import distill
 from hypersd.distill.methods.consistency import TSCDConfig
 from hypersd.distill.recipe import LoraSettings, RunConfig, StageConfig, load_run
 from hypersd.errors import UserError
 from hypersd.testing import tiny_sd15, tiny_sdxl
+
+
+def checkpoint_state(folder: Path) -> dict:
+    """The newest checkpoint's state, with its step."""
+    ck = latest(folder)
+    return {**ck.state(), "step": ck.step}
 
 BUILD = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}
 RECIPES = Path(__file__).resolve().parents[1] / "hypersd" / "recipes" / "distill"
@@ -98,12 +105,13 @@ def test_nan_loss_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_path)
     distill(_run(tmp_path, [StageConfig.make(steps=2, **stage)]), examples=_examples(pipe), pipe=pipe)
     ckpt = tmp_path / "run" / "0-tscd-k2.ckpt"
     (tmp_path / "run" / "0-tscd-k2.safetensors").unlink()  # as if interrupted after step 2
-    good = ckpt.read_bytes()
+    good = {p.name: p.read_bytes() for p in (ckpt / "step-00000002").iterdir()}
     bad = _examples(pipe)
     bad.mean = torch.full_like(bad.mean, float("nan"))
-    with pytest.raises(UserError, match=r"loss is nan at step 2; the last good checkpoint is .*0-tscd-k2.ckpt"):
+    with pytest.raises(UserError, match=r"loss is nan at step 2; the last good checkpoint is .*0-tscd-k2.ckpt/step-00000002"):
         distill(_run(tmp_path, [StageConfig.make(steps=4, **stage)]), examples=bad, pipe=tiny_sd15())
-    assert ckpt.read_bytes() == good
+    assert {p.name: p.read_bytes() for p in (ckpt / "step-00000002").iterdir()} == good
+    assert [p.name for p in ckpt.iterdir()] == ["step-00000002"]
 
 
 def test_a_lora_of_another_shape_cannot_start_a_stage(tmp_path):
@@ -171,7 +179,7 @@ def test_adversarial_stage_trains_and_resumes(tmp_path, family):
                  adversarial={"weight": 0.5, "lr": 1e-3})
     pipe = BUILD[family]()
     full, = distill(_run(tmp_path / "a", [StageConfig.make(steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
-    state = torch.load(tmp_path / "a" / "run" / "0-tscd-k2.ckpt", weights_only=True)
+    state = checkpoint_state(tmp_path / "a" / "run" / "0-tscd-k2.ckpt")
     assert "critic" in state["method"] and state["step"] == 4
     pipe = BUILD[family]()
     distill(_run(tmp_path / "b", [StageConfig.make(steps=2, **stage)]), examples=_examples(pipe), pipe=pipe)

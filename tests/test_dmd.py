@@ -12,6 +12,7 @@ from hypersd.distill.methods.dmd import DMDConfig
 from hypersd.distill.recipe import LoraSettings, RunConfig, StageConfig
 from hypersd.errors import UserError
 from hypersd.testing import tiny_sd15, tiny_sdxl
+from test_distill import checkpoint_state
 
 BUILD = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}
 PROMPTS = ["a red apple", "a rocket", "a ghost", "a cat face"]
@@ -91,7 +92,7 @@ def test_resume_inside_a_dmd_stage_equals_an_uninterrupted_run(tmp_path, family,
         pipe = BUILD[family]()
         return distill(_run(root, method, steps=steps), examples=Prompts(pipe, PROMPTS), pipe=pipe)
     full, = run(tmp_path / "a", 5)
-    state = torch.load(tmp_path / "a" / "run" / f"0-{method}-k1.ckpt", weights_only=True)
+    state = checkpoint_state(tmp_path / "a" / "run" / f"0-{method}-k1.ckpt")
     assert "fake" in state["method"] and set(state["optimizers"]) == {"student", "fake"}
     run(tmp_path / "b", 2)
     (tmp_path / "b" / "run" / f"0-{method}-k1.safetensors").unlink()
@@ -197,7 +198,7 @@ def test_dmd2_gan_needs_images_and_checkpoints_its_head(tmp_path):
         distill(run, examples=Prompts(pipe, PROMPTS), pipe=pipe)
     pipe = tiny_sd15()
     distill(run, examples=_images(pipe), pipe=pipe)
-    state = torch.load(tmp_path / "run" / "0-dmd2-k1.ckpt", weights_only=True)
+    state = checkpoint_state(tmp_path / "run" / "0-dmd2-k1.ckpt")
     assert set(state["optimizers"]) == {"student", "fake", "critic"} and "critic" in state["method"]
 
 

@@ -41,7 +41,7 @@ def test_teacher_training_resumes_and_exports(tmp_path):
     train_teacher(TeacherConfig(phase="unet", steps=2, **common))
     train_teacher(TeacherConfig(phase="unet", steps=4, **common))  # resumes from checkpoint-2
     assert sorted(p.name for p in (tmp_path / "run" / "unet-checkpoints").iterdir()) == \
-        ["checkpoint-2", "checkpoint-4"]
+        ["step-00000002", "step-00000004"]
     assert (tmp_path / "handoff.safetensors").exists()
     from hypersd.teacher.train import handoff_from_checkpoint
     assert handoff_from_checkpoint(tmp_path / "run", str(tmp_path / "again.safetensors")) == 4

@@ -17,7 +17,7 @@ from hypersd.distill.schedule import progressive_path, trailing_timesteps
 from hypersd.errors import UserError
 from hypersd.models.mini import SD15_SCHEDULE
 from hypersd.testing import tiny_sd15, tiny_sdxl
-from test_distill import _examples, _run
+from test_distill import _examples, _run, checkpoint_state
 
 BUILD = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}
 
@@ -191,7 +191,7 @@ def test_resume_inside_an_adversarial_stage_gives_the_same_weights(tmp_path, fam
                  adversarial={"lr": 1e-3, "conditional_steps": 2})
     pipe = BUILD[family]()
     full, = distill(_run(tmp_path / "a", [_stage("s", steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
-    state = torch.load(tmp_path / "a" / "run" / "s.ckpt", weights_only=True)
+    state = checkpoint_state(tmp_path / "a" / "run" / "s.ckpt")
     assert state["method"].keys() == {"critic", "critic_uncond"} and state["step"] == 4
     pipe = BUILD[family]()
     distill(_run(tmp_path / "b", [_stage("s", steps=3, **stage)]), examples=_examples(pipe), pipe=pipe)

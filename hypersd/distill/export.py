@@ -29,15 +29,15 @@ def save_lora(state: dict[str, torch.Tensor], lora_config, path: str | Path, inf
                  if isinstance(v, (int, float, str, bool, list, set, type(None)))}
     header = {"format": "pt", METADATA_KEY: json.dumps(peft_meta, sort_keys=True),
               "hypersd": json.dumps(info, sort_keys=True)}
-    written = [path]
-    _save(tensors, path, header)
-    if kohya:
+    written = []
+    if kohya:  # first: ``path`` is written last, so its presence means the export is whole
         kpath = path.with_suffix(".kohya.safetensors")
         _save(to_kohya(tensors, lora_config.lora_alpha, sdxl=sdxl), kpath,
-                     {"format": "pt", "hypersd": header["hypersd"],
-                      "ss_network_dim": str(lora_config.r), "ss_network_alpha": str(lora_config.lora_alpha)})
+              {"format": "pt", "hypersd": header["hypersd"],
+               "ss_network_dim": str(lora_config.r), "ss_network_alpha": str(lora_config.lora_alpha)})
         written.append(kpath)
-    return written
+    _save(tensors, path, header)
+    return [path] + written
 
 
 def _save(tensors, path: Path, metadata: dict) -> None:

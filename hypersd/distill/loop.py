@@ -9,8 +9,9 @@ and gradients are clipped with ``accelerator.clip_grad_norm_`` (which unscales f
 
 Per stage: the student starts from the previous stage (or a fresh LoRA, or a file); each step
 draws a batch with a generator seeded by (seed, stage, step, process), so a resumed run
-replays the same examples. Checkpoints (student, the method's state, optimizers, step) are
-written atomically every ``checkpoint_every`` steps; a finished stage exports its LoRA. A
+replays the same examples. Checkpoints (student, the method's state, optimizers, RNG, step;
+``hypersd.checkpoint``: safetensors, checksummed, fsynced, renamed into place) are written every
+``checkpoint_every`` steps and verified before a resume; a finished stage exports its LoRA. A
 non-finite loss stops the run and keeps the last good checkpoint.
 """
 
@@ -28,6 +29,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
+from hypersd import checkpoint
 from hypersd.distill.data import emoji32_examples
 from hypersd.distill.export import save_lora
 from hypersd.distill.networks import Networks
@@ -166,31 +168,30 @@ class StageTrainer:
                 sums[key] = sums.get(key, 0.0) + x / len(micro)
         return {**sums, f"grad_norm/{phase}": norm}
 
-    def save(self, path: Path, step: int) -> None:
+    def save(self, folder: Path, step: int) -> None:
         """Every process calls this (weights of sharded modules are gathered collectively); the
-        main process writes the checkpoint. Sharded (FSDP) optimizer state: a file per process."""
+        main process writes the state, and each process its optimizers' shard under FSDP."""
         acc = self.accelerator
-        state = {"step": step, "student": self.method.ctx.nets.state("student"),
-                 "method": self.method.state_dict()}
+        state = {"student": self.method.ctx.nets.state("student"), "method": self.method.state_dict(),
+                 "rng": torch.get_rng_state()}
         optimizers = {ph: opt.state_dict() for ph, opt in self.optimizers.items()}
-        if self._sharded:
-            with atomic_path(_rank_file(path, acc.process_index)) as tmp:
-                torch.save(optimizers, tmp)
-        else:
+        if not self._sharded:
             state["optimizers"] = optimizers
-        if acc.is_main_process:
-            with atomic_path(path) as tmp:
-                torch.save(state, tmp)
+        checkpoint.save(folder, step, state, settings=stage_settings(self.run, self.index),
+                        shard=optimizers if self._sharded else None, rank=acc.process_index,
+                        barrier=acc.wait_for_everyone, keep=self.run.keep_checkpoints)
 
-    def load(self, path: Path) -> int:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def load(self, ck: checkpoint.Checkpoint) -> int:
+        """Restore a verified checkpoint of this stage; return its step."""
+        _check_settings(ck, stage_settings(self.run, self.index))
+        state = ck.state()
         self.method.ctx.nets.load_state("student", state["student"])
         self.method.load_state_dict(state["method"])
-        optimizers = (torch.load(_rank_file(path, self.accelerator.process_index), map_location="cpu",
-                                 weights_only=True) if self._sharded else state["optimizers"])
+        optimizers = ck.shard(self.accelerator.process_index) if self._sharded else state["optimizers"]
         for phase, opt in self.optimizers.items():
             opt.load_state_dict(optimizers[phase])
-        return state["step"]
+        torch.set_rng_state(state["rng"])
+        return ck.step
 
     @property
     def _sharded(self) -> bool:
@@ -201,8 +202,33 @@ class NonFiniteLoss(Exception):
     pass
 
 
-def _rank_file(path: Path, rank: int) -> Path:
-    return path.with_name(f"{path.name}.optimizer-{rank}")
+def stage_settings(run: RunConfig, index: int) -> dict:
+    """What a stage's checkpoint must have been trained with to be resumed: every field of the
+    stage but its length and name, and the run's fields that change the arithmetic."""
+    stage = {k: v for k, v in dataclasses.asdict(run.stages[index]).items() if k not in ("steps", "name")}
+    fields = ("model", "full_unet", "lora", "split", "mixed_precision", "gradient_accumulation",
+              "max_grad_norm", "seed", "offset_noise")
+    settings = {"stage": stage, **{f: getattr(run, f) for f in fields}}
+    return json.loads(json.dumps(settings, default=_plain))
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
+
+
+def _check_settings(ck: checkpoint.Checkpoint, settings: dict) -> None:
+    changed = [f"{k}: {old!r} -> {new!r}" for k, old, new in _differences(ck.settings, settings)]
+    if changed:
+        raise UserError(f"checkpoint {ck.path} was written with other settings ({'; '.join(changed[:4])}): "
+                        "put them back to resume, or choose another output_dir to start over")
+
+
+def _differences(old, new, key: str = ""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            yield from _differences(old.get(k), new.get(k), f"{key}.{k}" if key else k)
+    elif old != new:
+        yield key, old, new
 
 
 def split_batch(example, parts: int) -> list:
@@ -230,13 +256,15 @@ def _run_stage(run: RunConfig, index: int, ctx: StageContext, examples, accelera
     """Train (or resume, or skip if finished) one stage; return its export and student."""
     stage, out = run.stages[index], Path(run.output_dir)
     final, ckpt = out / f"{stage.name}.safetensors", out / f"{stage.name}.ckpt"
-    if final.exists() and ckpt.exists():  # a finished stage: restore its student, move on
-        student = torch.load(ckpt, map_location="cpu", weights_only=True)["student"]
+    last = checkpoint.latest(ckpt, set_aside=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if final.exists() and last is not None and last.step >= stage.steps:  # finished: restore, move on
+        student = last.state("student")
         ctx.nets.load_state("student", student)
         return (final if ctx.nets.lora is not None else final.with_suffix("")), student
     trainer = StageTrainer(run, index, ctx, examples, accelerator)
-    if ckpt.exists():
-        start = trainer.load(ckpt)
+    if last is not None:
+        start = trainer.load(last)
         accelerator.print(f"resuming stage {stage.name} at step {start}")
     else:
         start = 0
@@ -263,8 +291,9 @@ def _train(trainer: StageTrainer, start: int, ckpt: Path) -> None:
         try:
             logs = trainer.step(step)
         except NonFiniteLoss as e:
+            kept = checkpoint.latest(ckpt, set_aside=False)
             raise UserError(f"stage {stage.name}: {e}; the last good checkpoint is "
-                            f"{ckpt if ckpt.exists() else 'none'} (lower lr?)") from None
+                            f"{kept.path if kept else 'none'} (lower lr?)") from None
         latest.update(logs)
         loss = next(v for k, v in logs.items() if k.startswith("loss/"))
         avg = loss if avg is None else 0.95 * avg + 0.05 * loss

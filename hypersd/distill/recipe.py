@@ -64,6 +64,7 @@ class RunConfig:
                                          # batch_size / N examples, the update is the same
     max_grad_norm: float = 1.0           # gradients are clipped to this norm, per phase
     checkpoint_every: int = 200
+    keep_checkpoints: int = 2            # the newest N checkpoints of a stage are kept
     log_every: int = 20
     seed: int = 0
     offset_noise: float = 0.0            # noise perturbation [Hyper-SD §3.1, offset noise]
@@ -77,6 +78,8 @@ class RunConfig:
             if stage.start_from == "previous" and i == 0:
                 stage.start_from = "base"
             stage.name = stage.name or f"{i}-{stage.method}-k{getattr(stage.config, 'segments', 1)}"
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise UserError("checkpoint_every and keep_checkpoints must be at least 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
 

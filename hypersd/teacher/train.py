@@ -1,4 +1,5 @@
-"""Teacher training on emoji32, with accelerate: checkpoints, resume, EMA, TensorBoard.
+"""Teacher training on emoji32, with accelerate: checkpoints (``hypersd.checkpoint``), resume, EMA,
+TensorBoard.
 
 Phase "vae" trains the autoencoder (L1 + MSE reconstruction + a small KL term) and sets its
 ``scaling_factor`` to 1 / std of the latents, as SD does. Phase "unet" trains the
@@ -9,7 +10,6 @@ dropout for classifier-free guidance and min-SNR weighting.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hypersd import checkpoint
 from hypersd.data import load_emoji32
 from hypersd.errors import UserError
 from hypersd.imaging import to_signed_unit
@@ -33,19 +34,26 @@ from hypersd.models.mini import (MINI_DIR, build_scheduler, build_unet, build_va
 from hypersd.teacher.config import TeacherConfig
 
 
-def _checkpoints(folder: Path) -> list[Path]:
-    if not folder.exists():
-        return []
-    return sorted((p for p in folder.iterdir() if p.name.startswith("checkpoint-")
-                   and p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int, model, opt, lr_sched,
+                     ema) -> None:
+    """Model, optimizer, LR schedule, EMA and RNG as one checksummed checkpoint (``hypersd.checkpoint``)."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_schedule": lr_sched.state_dict(),
+             "rng": torch.get_rng_state()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    checkpoint.save(folder, step, state, keep=keep, rank=accelerator.process_index,
+                    barrier=accelerator.wait_for_everyone)
 
 
-def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int) -> None:
-    """accelerate's save_state, written to a temporary folder then renamed (atomic)."""
-    with atomic_path(folder / f"checkpoint-{step}") as tmp:
-        accelerator.save_state(str(tmp))
-    for old in _checkpoints(folder)[:-keep]:
-        shutil.rmtree(old)
+def _load_checkpoint(ck: checkpoint.Checkpoint, model, opt, lr_sched, ema) -> int:
+    state = ck.state()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    lr_sched.load_state_dict(state["lr_schedule"])
+    torch.set_rng_state(state["rng"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    return ck.step
 
 
 def _images(device, limit: int = 0) -> torch.Tensor:
@@ -148,12 +156,9 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay) if cfg.phase == "unet" else None
     model, opt, lr_sched = accelerator.prepare(model, opt, lr_sched)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     start = 0
-    if (last := _checkpoints(ckpt_dir)[-1:]):
-        accelerator.load_state(str(last[0]))
-        start = int(last[0].name.split("-")[1])
+    if (last := checkpoint.latest(ckpt_dir, set_aside=accelerator.is_main_process)) is not None:
+        start = _load_checkpoint(last, accelerator.unwrap_model(model), opt, lr_sched, ema)
         accelerator.print(f"resuming {cfg.phase} from step {start}")
     elif ema is not None and Path(cfg.handoff).exists():
         start = _load_handoff(cfg.handoff, accelerator.unwrap_model(model), ema)
@@ -183,7 +188,8 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             accelerator.log({"loss": loss.item(), "lr": lr_sched.get_last_lr()[0], **logs}, step=step + 1)
         out_of_time = cfg.max_minutes and time.time() - began > cfg.max_minutes * 60
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
-            _save_checkpoint(accelerator, ckpt_dir, step + 1, cfg.keep_checkpoints)
+            _save_checkpoint(accelerator, ckpt_dir, step + 1, cfg.keep_checkpoints,
+                             accelerator.unwrap_model(model), opt, lr_sched, ema)
             _save_weights(accelerator.unwrap_model(model), ema, run_dir, cfg.phase, task)
             if out_of_time:
                 break
@@ -203,17 +209,15 @@ def _save_handoff(path: str, model, ema, step: int) -> None:
 
 def handoff_from_checkpoint(run_dir: str | Path, path: str) -> int:
     """Write the handoff file from the latest UNet checkpoint (e.g. after stopping a run)."""
-    from safetensors.torch import load_file
-    last = _checkpoints(Path(run_dir) / "unet-checkpoints")[-1:]
-    if not last:
+    last = checkpoint.latest(Path(run_dir) / "unet-checkpoints")
+    if last is None:
         raise UserError(f"no UNet checkpoint under {run_dir}")
-    step = int(last[0].name.split("-")[1])
     model = build_unet()
-    model.load_state_dict(load_file(last[0] / "model.safetensors"))
+    model.load_state_dict(last.state("model"))
     ema = EMAModel(model.parameters())
-    ema.load_state_dict(torch.load(last[0] / "custom_checkpoint_0.pkl", weights_only=False))
-    _save_handoff(path, model, ema, step)
-    return step
+    ema.load_state_dict(last.state("ema"))
+    _save_handoff(path, model, ema, last.step)
+    return last.step
 
 
 def _load_handoff(path: str, model, ema) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hypersd import checkpoint
 from hypersd.distill.data import Batch
 from hypersd.distill.denoiser import PREDICTION_TYPES, Denoiser
 from hypersd.distill.methods.adversarial import AdversarialConfig, AdversarialTerm
@@ -104,7 +105,7 @@ class ProgressiveMethod(Method):
         if teacher == "base":
             return "teacher"
         if teacher in ctx.finished:
-            state = torch.load(ctx.finished[teacher], map_location="cpu", weights_only=True)["student"]
+            state = checkpoint.latest(ctx.finished[teacher]).state("student")
         elif teacher.endswith(".safetensors"):
             try:
                 state = ctx.nets.file_state(teacher)

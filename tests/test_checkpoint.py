@@ -211,3 +211,33 @@ def test_the_manifest_is_json_with_sizes_and_checksums(tmp_path):
     files = manifest["body"]["files"]
     assert set(files) == {"state.safetensors"} and len(files["state.safetensors"]["sha256"]) == 64
     assert manifest["body"]["step"] == 3 and manifest["body"]["settings"] == {"seed": 0}
+
+
+@pytest.mark.parametrize("killed", ["between the stages", "inside the anchored DMD stage"])
+def test_a_killed_two_stage_run_resumes_bit_for_bit(tmp_path, killed):
+    """Killed between two stages, the next stage's new roles (DMD's fake score, a critic) start
+    from the (seed, stage) RNG, not from what the process drew before; killed inside DMD, its
+    anchor (the frozen target: the stage's starting student) comes back from the checkpoint."""
+    def run(root, dmd_steps):
+        pipe = tiny_sd15()
+        stages = [StageConfig.make(steps=2, **STAGE, distance_weight=0.5, adversarial={"weight": 0.5}),
+                  StageConfig.make("dmd", dmd_steps, pool_size=2, pool_steps=2, update_ratio=2, anchor_weight=1.0,
+                                   batch_size=2, lr=1e-3)]
+        return distill(_run(root, stages), examples=_examples(pipe), pipe=pipe)
+    _, whole = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 4 if killed == "between the stages" else 2)
+    leftovers = ["1-dmd-k1.safetensors"] + (["1-dmd-k1.ckpt"] if killed == "between the stages" else [])
+    for name in leftovers:
+        checkpoint._remove(tmp_path / "b" / "run" / name)
+    _, again = run(tmp_path / "b", 4)
+    with safe_open(str(whole), "pt") as a, safe_open(str(again), "pt") as b:
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file where a folder should be")
+    run = _run(tmp_path, [StageConfig.make(steps=1, **STAGE)])
+    run.output_dir = str(tmp_path / "notes.txt" / "run")
+    with pytest.raises(UserError, match="is a file, not a folder: choose another output_dir"):
+        distill(run, examples=None, pipe=None)

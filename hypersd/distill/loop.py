@@ -9,7 +9,9 @@ and gradients are clipped with ``accelerator.clip_grad_norm_`` (which unscales f
 
 Per stage: the student starts from the previous stage (or a fresh LoRA, or a file); each step
 draws a batch with a generator seeded by (seed, stage, step, process), so a resumed run
-replays the same examples. Checkpoints (student, the method's state, optimizers, RNG, step;
+replays the same examples, and the global RNG is seeded by (seed, stage) when a stage starts, so
+what a method draws then (new adapters, heads) does not depend on what the process ran before.
+Checkpoints (student, target, the method's state, optimizers, RNG, step;
 ``hypersd.checkpoint``: safetensors, checksummed, fsynced, renamed into place) are written every
 ``checkpoint_every`` steps and verified before a resume; a finished stage exports its LoRA. A
 non-finite loss stops the run and keeps the last good checkpoint.
@@ -36,11 +38,16 @@ from hypersd.distill.networks import Networks
 from hypersd.distill.protocol import StageContext, methods
 from hypersd.distill.recipe import RunConfig
 from hypersd.errors import UserError
+from hypersd.files import check_writable, writing
 from hypersd.io import atomic_path
 
 
 def _generator(seed: int, stage: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + stage) * 10_000_019 + step) * 101 + rank)
+
+
+def _stage_seed(seed: int, stage: int) -> int:
+    return (seed * 1_000_003 + 7_919 * (stage + 1)) % 2**32
 
 
 def replica_checksum(nets: Networks) -> float:
@@ -88,7 +95,9 @@ def distill(run: RunConfig, examples=None, pipe=None, accelerator: Accelerator |
     """
     if run.threads:
         torch.set_num_threads(run.threads)
-    Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+    check_writable(run.output_dir, "output_dir")
+    with writing(run.output_dir, "output_dir"):
+        Path(run.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or make_accelerator(run)
     pipe, examples, ctx = setup(run, accelerator, examples, pipe)
     accelerator.init_trackers("distill")
@@ -172,8 +181,9 @@ class StageTrainer:
         """Every process calls this (weights of sharded modules are gathered collectively); the
         main process writes the state, and each process its optimizers' shard under FSDP."""
         acc = self.accelerator
-        state = {"student": self.method.ctx.nets.state("student"), "method": self.method.state_dict(),
-                 "rng": torch.get_rng_state()}
+        nets = self.method.ctx.nets
+        state = {"student": nets.state("student"), "target": nets.state("target"),
+                 "method": self.method.state_dict(), "rng": torch.get_rng_state()}
         optimizers = {ph: opt.state_dict() for ph, opt in self.optimizers.items()}
         if not self._sharded:
             state["optimizers"] = optimizers
@@ -185,7 +195,7 @@ class StageTrainer:
         """Restore a verified checkpoint of this stage; return its step."""
         _check_settings(ck, stage_settings(self.run, self.index))
         state = ck.state()
-        self.method.ctx.nets.load_state("student", state["student"])
+        self.method.ctx.nets.load_states(state["student"], state["target"])
         self.method.load_state_dict(state["method"])
         optimizers = ck.shard(self.accelerator.process_index) if self._sharded else state["optimizers"]
         for phase, opt in self.optimizers.items():
@@ -262,6 +272,7 @@ def _run_stage(run: RunConfig, index: int, ctx: StageContext, examples, accelera
         student = last.state("student")
         ctx.nets.load_state("student", student)
         return (final if ctx.nets.lora is not None else final.with_suffix("")), student
+    set_seed(_stage_seed(run.seed, index))  # a method's first draws: the same in any process
     trainer = StageTrainer(run, index, ctx, examples, accelerator)
     if last is not None:
         start = trainer.load(last)

@@ -134,14 +134,10 @@ class ConsistencyMethod(Method):
         if phase == "student":
             self.ctx.nets.update_target(self.cfg.ema_decay)
 
-    def state_dict(self):  # the student is the loop's to save
-        state = {"target": self.ctx.nets.state("target")}
-        if self.critic:
-            state["critic"] = self.critic.disc.heads.state_dict()
-        return state
+    def state_dict(self):  # the student and its EMA target are the loop's to save
+        return {"critic": self.critic.disc.heads.state_dict()} if self.critic else {}
 
     def load_state_dict(self, state) -> None:
-        self.ctx.nets.load_state("target", state["target"])
         if self.critic:
             self.critic.disc.heads.load_state_dict(state["critic"])
 

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hypersd.errors import UserError
+from hypersd.errors import UserError, warn
 from hypersd.io import fsync_tree
 
 FORMAT = "hypersd-checkpoint/1"
@@ -184,7 +183,7 @@ def latest(folder: str | Path, *, set_aside: bool = True) -> Checkpoint | None:
             broken.append((path, str(e)))
             continue
         for bad, why in broken:
-            print(f"hypersd: warning: {why}; resuming from {path.name} instead", file=sys.stderr)
+            warn(f"{why}; resuming from {path.name} instead")
             if set_aside:
                 os.replace(bad, bad.with_name(f"corrupt-{bad.name}"))
         return found

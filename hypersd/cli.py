@@ -11,7 +11,9 @@ from hypersd.errors import UserError
 
 
 def _generate(args) -> None:
+    from hypersd.files import check_writable
     from hypersd.generate import generate
+    check_writable(args.out)  # before the work, not after it
     result = generate(args.prompts, model=args.model, loras=args.lora or [], recipe=args.recipe,
                       steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
                       negative=args.negative, seed=args.seed, batch=args.batch, config=args.config,
@@ -86,11 +88,11 @@ def _per_step(items: list[str] | None, flag: str) -> dict[int, str]:
 
 
 def _eval(args) -> None:
-    from hypersd.evaluate import EvalConfig, run_eval
+    from hypersd.evaluate import EvalConfig, parse_steps, run_eval
     cfg = EvalConfig(model=args.model, unet=args.unet, loras=args.lora or [], recipe=args.recipe,
                      step_loras=_per_step(args.step_lora, "--step-lora"),
                      step_unets=_per_step(args.step_unet, "--step-unet"),
-                     steps=[int(s) for s in args.steps.split(",")], label=args.label,
+                     steps=parse_steps(args.steps), label=args.label,
                      split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out,
                      clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward,
                      inception=args.inception, rewards=args.reward or [])
@@ -130,10 +132,12 @@ def _distill(args) -> None:
 
 
 def _lora(args) -> None:
+    from hypersd.files import check_writable
     from hypersd.lora import tools
     if len(args.inputs) < 2:
         raise UserError("give the input file(s) and then the output file")
     *args.inputs, args.out = args.inputs
+    check_writable(args.out, "output path", folder=False)
     if args.action == "merge":
         from hypersd.generate.loading import parse_lora
         files = [(tools.read_lora(p), 1.0 if w is None else w) for p, w in map(parse_lora, args.inputs)]
@@ -159,11 +163,31 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default))
 
 
+def _at_least(least: int):
+    """An argparse type: a whole number of ``least`` or more."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of {least} or more")
+        return value
+    return count
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one line, like every other bad input."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hypersd.data.emoji32 import DEFAULT_DIR
     from hypersd.models.mini import MINI_DIR
 
-    parser = argparse.ArgumentParser(prog="hypersd", description=__doc__)
+    parser = _Parser(prog="hypersd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images with a base model, LoRAs and a recipe")
@@ -225,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="benchmarks: `bench speed`, `bench train-cost`")
     sp.add_argument("what", choices=["speed", "train-cost"])
     sp.add_argument("--model")
-    sp.add_argument("--repeats", type=int, default=7)
-    sp.add_argument("--threads", type=int, default=0)
+    sp.add_argument("--repeats", type=_at_least(1), default=7)
+    sp.add_argument("--threads", type=_at_least(0), default=0, help="0: torch's default")
     sp.add_argument("--out", default="benchmarks")
     sp.add_argument("--recipe", action="append", metavar="NAME[:STAGE]",
                     help="train-cost: a recipe and stage index to time (repeatable; default: one stage "
@@ -278,11 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from hypersd.quiet import quiet_libraries
     quiet_libraries()
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except UserError as e:
-        print(f"hypersd: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines())  # one line, whatever it quotes
+        print(f"hypersd: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hypersd: interrupted", file=sys.stderr)

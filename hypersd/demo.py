@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypersd.files import check_writable, write_file
 from hypersd.generate import get_recipe, load_loras, load_pipeline, run_pipeline
 from hypersd.generate.grid import make_grid
 from hypersd.models.mini import MINI_DIR
@@ -22,6 +23,7 @@ BUNDLED_LORA = MINI_DIR.parent / "loras" / "hyper-sd-mini-unified.safetensors"
 
 def run_demo(out_dir: str | Path = "outputs/demo", seed: int = 0, prompts=DEMO_PROMPTS) -> Path:
     """Write ``grid.png`` under ``out_dir`` and return its path."""
+    check_writable(out_dir)
     pipe = load_pipeline()
     teacher = get_recipe("teacher")
     seeds = [seed] * len(prompts)
@@ -35,8 +37,5 @@ def run_demo(out_dir: str | Path = "outputs/demo", seed: int = 0, prompts=DEMO_P
         columns.append((f"{label}, {n} step{'s' * (n > 1)}",
                         run_pipeline(pipe, prompts, student.with_overrides(steps=n), seeds)))
     rows = [[images[i] for _, images in columns] for i in range(len(prompts))]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "grid.png"
-    make_grid(rows, prompts, [label for label, _ in columns]).save(path)
-    return path
+    grid = make_grid(rows, prompts, [label for label, _ in columns])
+    return write_file(Path(out_dir) / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))

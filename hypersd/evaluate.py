@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from hypersd.data import load_emoji32
 from hypersd.errors import UserError
+from hypersd.files import check_writable, write_file, writing
 from hypersd.generate import load_loras, load_pipeline, resolve_recipe, run_pipeline
 from hypersd.generate.grid import make_grid
-from hypersd.generate.loading import load_unet, parse_lora
+from hypersd.generate.loading import check_lora_file, load_unet, parse_lora
 
 REFERENCE = ("teacher", 25)  # (recipe, steps) of the teacher reference set
 COLUMNS = [("fd", "FD→data ↓"), ("fd_teacher", "FD→teacher ↓"), ("top1", "top-1 % ↑"),
@@ -55,6 +56,29 @@ class EvalConfig:
     imagereward_blip: str = "Salesforce/blip-itm-large-coco"
     inception: str | None = None             # FID Inception weights (.pth): FID/KID to data
     rewards: list[str] = field(default_factory=list)  # mini rewards (hypersd.rewards): mean score
+
+    def __post_init__(self):
+        counts = {"--steps": self.steps, "--step-lora": list(self.step_loras),
+                  "--step-unet": list(self.step_unets)}
+        for flag, steps in counts.items():
+            if any(not isinstance(n, int) or n < 1 for n in steps):
+                raise UserError(f"{flag}: step counts must be whole numbers of 1 or more, not {steps}")
+        if not self.steps:
+            raise UserError("--steps: give at least one step count, e.g. 1,2,4,8")
+        sizes = {"--samples": self.samples, "batch": self.batch, "grid_prompts": self.grid_prompts}
+        for flag, value in sizes.items():
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{flag} {value}: give at least 1")
+        for spec in self.loras + list(self.step_loras.values()):
+            parse_lora(spec)  # a scale that is not a finite number fails here, before any work
+
+
+def parse_steps(text: str) -> list[int]:
+    """Step counts from ``--steps``: "1,2,4,8" -> [1, 2, 4, 8]."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--steps {text!r}: write step counts separated by commas, e.g. 1,2,4,8") from None
 
 
 def real_metrics(cfg: EvalConfig) -> dict:
@@ -148,15 +172,15 @@ def _seeds(seed: int, prompts: list[str]) -> list[int]:
 
 
 def generate_set(pipe, recipe, prompts, seeds, folder: Path, batch: int, desc: str) -> list[Image.Image]:
-    """Generate (or reuse from ``folder``) one image per (prompt, seed)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Generate (or reuse from ``folder``) one image per (prompt, seed); each PNG is written
+    whole or not at all, so a rerun after a full disk reuses only whole images."""
     paths = [folder / f"{i:05d}.png" for i in range(len(prompts))]
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     for start in tqdm(range(0, len(todo), batch), desc=desc, leave=False):
         idx = todo[start:start + batch]
         images = run_pipeline(pipe, [prompts[i] for i in idx], recipe, [seeds[i] for i in idx])
         for i, img in zip(idx, images):
-            img.save(paths[i])
+            write_file(paths[i], lambda tmp, img=img: img.save(tmp, format="PNG"))
     return [Image.open(p).convert("RGB") for p in paths]
 
 
@@ -170,11 +194,12 @@ def run_eval(cfg: EvalConfig) -> dict:
                                   + [Path(parse_lora(spec)[0]).stem for spec in every_lora])
     missing = sorted((set(cfg.step_loras) | set(cfg.step_unets)) - set(cfg.steps))
     if missing:
-        raise UserError(f"LoRAs or UNets are given for step counts {missing} that --steps does not list")
+        raise UserError(f"LoRAs or UNets are given for step counts {missing} that --steps does not list: "
+                        "add those counts to --steps")
     for lora in every_lora:
-        if not Path(parse_lora(lora)[0]).exists():
-            raise UserError(f"LoRA file {parse_lora(lora)[0]} does not exist")
+        check_lora_file(parse_lora(lora)[0])
     recipes = {n: resolve_recipe(cfg.recipe, steps=n) for n in cfg.steps}
+    check_writable(out)
     prompts = _prompts(cfg.split, cfg.samples)
     seeds = _seeds(cfg.seed, prompts)
     try:
@@ -221,14 +246,14 @@ def run_eval(cfg: EvalConfig) -> dict:
         row.update(method=label, steps=n, samples=cfg.samples, split=cfg.split)
         rows[f"{label}@{n}"] = row
         grid_rows.append(images[:cfg.grid_prompts])
-    out.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "table.md").write_text(markdown_table(rows))
-    (out / "table-by-steps.md").write_text(steps_table(rows))
     cols = [f"{n} step{'s' * (n > 1)}" for n in cfg.steps]
-    make_grid([list(r) for r in zip(*grid_rows)], prompts[:cfg.grid_prompts], cols, corner=label).save(
-        out / f"grid-{_slug(label)}.png")
-    plot_metrics(rows, out / "metrics.png")
+    grid = make_grid([list(r) for r in zip(*grid_rows)], prompts[:cfg.grid_prompts], cols, corner=label)
+    write_file(results_file, lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"))
+    with writing(out):
+        (out / "table.md").write_text(markdown_table(rows))
+        (out / "table-by-steps.md").write_text(steps_table(rows))
+        grid.save(out / f"grid-{_slug(label)}.png")
+        plot_metrics(rows, out / "metrics.png")
     return rows
 
 

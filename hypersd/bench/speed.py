@@ -71,7 +71,7 @@ def bench_speed(cfg: SpeedConfig) -> list[dict]:
     ours = load_pipeline(cfg.model)
     tokenizer, encoder = load_text_encoder() if cfg.model in (None, "mini") else (None, None)
     stock = StableDiffusionPipeline.from_pretrained(
-        cfg.model or MINI_DIR, **({"text_encoder": encoder, "tokenizer": tokenizer,
+        cfg.model or MINI_DIR, use_safetensors=True, **({"text_encoder": encoder, "tokenizer": tokenizer,
                                    "safety_checker": None, "requires_safety_checker": False}
                                   if encoder is not None else {}))
     stock.set_progress_bar_config(disable=True)

@@ -103,6 +103,10 @@ def fetch_package(dest: Path) -> Path:
 
 def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path = DEFAULT_DIR) -> Emoji32:
     """Build emoji32 from the npm tarball (fetched with npm when not given) into ``out_dir``."""
+    if tarball and not Path(tarball).is_file():
+        from hypersd.errors import UserError
+        raise UserError(f"tarball {tarball} does not exist: pass the npm package's .tgz, or leave "
+                        "--tarball out to fetch it with npm")
     with tempfile.TemporaryDirectory() as tmp:
         tarball = Path(tarball) if tarball else fetch_package(Path(tmp))
         with tarfile.open(tarball) as tar:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from hypersd.config import apply_overrides, load_dataclass, load_yaml
+from hypersd.config import Range, apply_overrides, check_ranges, load_dataclass, load_yaml
 from hypersd.errors import UserError
 
 # LCM-LoRA's targets: attention, feed-forward, resnet convs, samplers, time-embedding projections
@@ -20,11 +20,17 @@ LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
                     "upsamplers.0.conv", "time_emb_proj"]
 
 
+POSITIVE, AT_LEAST_1, NOT_NEGATIVE = Range(gt=0), Range(ge=1), Range(ge=0)
+
+
 @dataclass
 class LoraSettings:
-    rank: int = 64
-    alpha: float = 64.0
+    rank: Annotated[int, AT_LEAST_1] = 64
+    alpha: Annotated[float, POSITIVE] = 64.0
     targets: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGETS))
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -33,12 +39,15 @@ class StageConfig:
     (its config dataclass in ``hypersd.distill.methods``), kept in ``config``."""
 
     method: str                          # a registered method: lcm, tcd, pcm, tscd, ...
-    steps: int                           # optimizer steps of this stage
+    steps: Annotated[int, AT_LEAST_1]    # optimizer steps of this stage
     name: str = ""                       # default: "<index>-<method>-k<segments>"
-    lr: float = 1e-4                     # the student's learning rate
-    batch_size: int = 32                 # examples per optimizer step and process
+    lr: Annotated[float, POSITIVE] = 1e-4          # the student's learning rate
+    batch_size: Annotated[int, AT_LEAST_1] = 32    # examples per optimizer step and process
     start_from: str = "previous"         # "previous" stage, "base" (a fresh LoRA) or a LoRA file
     config: Any = None                   # the method's settings: its dataclass or a mapping
+
+    def __post_init__(self):
+        check_ranges(self)
 
     @classmethod
     def make(cls, method: str, steps: int, **fields) -> "StageConfig":
@@ -60,17 +69,18 @@ class RunConfig:
     split: str = "distill"               # emoji32 prompts used for training
     mixed_precision: str = "no"          # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
-    gradient_accumulation: int = 1       # micro-batches per optimizer step: each pass takes
-                                         # batch_size / N examples, the update is the same
-    max_grad_norm: float = 1.0           # gradients are clipped to this norm, per phase
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2            # the newest N checkpoints of a stage are kept
-    log_every: int = 20
-    seed: int = 0
-    offset_noise: float = 0.0            # noise perturbation [Hyper-SD §3.1, offset noise]
-    threads: int = 0
+    gradient_accumulation: Annotated[int, AT_LEAST_1] = 1  # micro-batches per optimizer step: each
+                                         # pass takes batch_size / N examples, the update is the same
+    max_grad_norm: Annotated[float, POSITIVE] = 1.0  # gradients are clipped to this norm, per phase
+    checkpoint_every: Annotated[int, AT_LEAST_1] = 200
+    keep_checkpoints: Annotated[int, AT_LEAST_1] = 2  # the newest N checkpoints of a stage are kept
+    log_every: Annotated[int, AT_LEAST_1] = 20
+    seed: Annotated[int, NOT_NEGATIVE] = 0
+    offset_noise: Annotated[float, NOT_NEGATIVE] = 0.0  # noise perturbation [Hyper-SD §3.1, offset noise]
+    threads: Annotated[int, NOT_NEGATIVE] = 0
 
     def __post_init__(self):
+        check_ranges(self)
         if not self.stages:
             raise UserError("a run needs at least one stage")
         for i, stage in enumerate(self.stages):
@@ -78,8 +88,6 @@ class RunConfig:
             if stage.start_from == "previous" and i == 0:
                 stage.start_from = "base"
             stage.name = stage.name or f"{i}-{stage.method}-k{getattr(stage.config, 'segments', 1)}"
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise UserError("checkpoint_every and keep_checkpoints must be at least 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
 
@@ -90,9 +98,7 @@ def _check_stage(i: int, stage: StageConfig, accumulation: int) -> None:
     registry = methods()
     if stage.method not in registry:
         raise UserError(f"stage {i}: unknown method {stage.method!r}; known: {', '.join(registry)}")
-    if stage.steps < 1 or stage.batch_size < 1:
-        raise UserError(f"stage {i}: steps and batch_size must be positive")
-    if accumulation < 1 or stage.batch_size % accumulation:
+    if stage.batch_size % accumulation:
         raise UserError(f"stage {i}: batch_size {stage.batch_size} must be a multiple of "
                         f"gradient_accumulation {accumulation} (the micro-batches are equal)")
     config_cls = registry[stage.method].config
@@ -109,14 +115,20 @@ BUNDLED = Path(__file__).resolve().parents[1] / "recipes" / "distill"
 def recipe_path(name: str) -> Path:
     """A YAML path, or the name of a bundled recipe (``hyper-sd-mini``)."""
     bundled = BUNDLED / f"{name}.yaml"
-    return bundled if not Path(name).exists() and bundled.exists() else Path(name)
+    if Path(name).exists() or not bundled.exists() and Path(name).suffix in (".yaml", ".yml"):
+        return Path(name)
+    if not bundled.exists():
+        names = ", ".join(sorted(p.stem for p in BUNDLED.glob("*.yaml")))
+        raise UserError(f"unknown recipe {name!r}: pass a YAML file or a bundled recipe ({names})")
+    return bundled
 
 
 def load_run(name: str, overrides: list[str] = ()) -> RunConfig:
     """Read a run recipe (a YAML path or a bundled name), apply "key=value" overrides, check
     every field (the method's own fields against its config)."""
     data = apply_overrides(load_yaml(recipe_path(name)), list(overrides))
-    for stage in data.get("stages") or []:
+    stages = data.get("stages")
+    for stage in stages if isinstance(stages, list) else []:
         if isinstance(stage, dict):  # a stage's flat fields: the loop's, then the method's
             extra = {k: stage.pop(k) for k in list(stage) if k not in _LOOP_FIELDS}
             if extra:

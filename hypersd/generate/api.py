@@ -9,11 +9,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
-from hypersd.errors import UserError
+from hypersd.errors import UserError, warn
+from hypersd.files import write_folder
 from hypersd.generate.grid import make_grid
-from hypersd.generate.loading import configure_scheduler, load_loras, load_pipeline, parse_lora
+from hypersd.generate.loading import (check_lora_file, configure_scheduler, load_loras, load_pipeline,
+                                      parse_lora)
 from hypersd.generate.recipes import SAMPLERS, Recipe, get_recipe
+
+MAX_IMAGES = 4096  # images one call makes (prompts x batch); more is surely a typo
+CHUNK = 16         # images per pipeline call: memory stays bounded however large the batch
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -34,22 +41,21 @@ class Generation:
                 "model": self.model, "unet": self.unet, "loras": self.loras, "recipe": asdict(self.recipe)}
 
     def save(self, out_dir: str | Path, grid_cell: int = 128) -> list[Path]:
-        """Write one PNG per image (metadata in text chunks) and ``grid.png``; return the paths."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, img in enumerate(self.images):
-            info = PngInfo()
-            for key, value in self.metadata(i).items():
-                info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-            path = out_dir / f"{i:04d}-seed{self.seeds[i]}.png"
-            img.save(path, pnginfo=info)
-            paths.append(path)
+        """Write one PNG per image (metadata in text chunks) and ``grid.png``, all or none of
+        them (a full disk leaves no partial files); return the paths, the grid last."""
+        writers = {f"{i:04d}-seed{seed}.png": self._png_writer(i) for i, seed in enumerate(self.seeds)}
         unique = list(dict.fromkeys(self.prompts))
         per = len(self.images) // len(unique)
         rows = [self.images[r * per:(r + 1) * per] for r in range(len(unique))]
-        make_grid(rows, unique, [f"seed {s}" for s in self.seeds[:per]], cell=grid_cell).save(out_dir / "grid.png")
-        return paths + [out_dir / "grid.png"]
+        grid = make_grid(rows, unique, [f"seed {s}" for s in self.seeds[:per]], cell=grid_cell)
+        writers["grid.png"] = lambda path: grid.save(path, format="PNG")
+        return write_folder(out_dir, writers)
+
+    def _png_writer(self, i: int):
+        info = PngInfo()
+        for key, value in self.metadata(i).items():
+            info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+        return lambda path: self.images[i].save(path, format="PNG", pnginfo=info)
 
 
 def resolve_recipe(recipe: str | Recipe | None = None, *, steps=None, sampler=None, eta=None,
@@ -58,20 +64,38 @@ def resolve_recipe(recipe: str | Recipe | None = None, *, steps=None, sampler=No
     base = recipe if isinstance(recipe, Recipe) else get_recipe(recipe or "teacher")
     if sampler is not None and sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-    r = base.with_overrides(steps=steps, sampler=sampler, eta=eta, guidance=guidance,
-                            timesteps=tuple(timesteps) if timesteps else None)
-    lo, hi = r.steps_range
-    n = len(r.timesteps) if r.timesteps else r.steps
-    if not lo <= n <= hi:
-        raise UserError(f"{n} steps is outside the {lo}-{hi} that recipe {r.name!r} serves; "
-                        "pass --steps in that range or choose another recipe")
-    return r
+    # Recipe checks every field (steps in the recipe's range, guidance, eta, LoRA scale)
+    return base.with_overrides(steps=steps, sampler=sampler, eta=eta, guidance=guidance,
+                               timesteps=tuple(timesteps) if timesteps else None)
 
 
-def _check_prompts(prompts: list[str]) -> list[str]:
-    if not prompts or any(not p.strip() for p in prompts):
+def _check_request(prompts: list[str], batch: int, seed: int) -> list[str]:
+    """Prompts, images per prompt and the first seed, refused before any work."""
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UserError("empty prompt: give at least one non-empty prompt")
+    if not isinstance(batch, int) or batch < 1:
+        raise UserError(f"--batch {batch}: give at least 1 image per prompt")
+    if len(prompts) * batch > MAX_IMAGES:
+        raise UserError(f"{len(prompts)} prompt(s) x --batch {batch} = {len(prompts) * batch} images, "
+                        f"more than the {MAX_IMAGES} one call makes: lower --batch to at most "
+                        f"{MAX_IMAGES // len(prompts)} and run again with another --seed for more")
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - batch:
+        raise UserError(f"--seed {seed}: use a whole number from 0 to {MAX_SEED - batch}")
     return prompts
+
+
+def warn_truncated(pipe, prompts: list[str]) -> None:
+    """One warning line per prompt longer than the text encoder's window, naming what is cut."""
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
+    if not tokenizers:
+        return
+    tokenizer = min(tokenizers, key=lambda t: t.model_max_length)
+    room = tokenizer.model_max_length - len(tokenizer("").input_ids)  # less [CLS]/[SEP] or BOS/EOS
+    for prompt in dict.fromkeys(prompts):
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if len(ids) > room:
+            warn(f"prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is longer than the text "
+                 f"encoder's {tokenizer.model_max_length} tokens; dropped: {tokenizer.decode(ids[room:])!r}")
 
 
 @torch.no_grad()
@@ -79,9 +103,8 @@ def run_pipeline(pipe, prompts: list[str], recipe: Recipe, seeds: list[int],
                  negative: str | None = None, output_type: str = "pil"):
     """One call of the diffusers pipeline with the recipe's settings; one seed per image."""
     if recipe.steps > pipe.scheduler.config.num_train_timesteps:
-        raise UserError(f"steps must be at most {pipe.scheduler.config.num_train_timesteps}")
-    if recipe.steps < 1:
-        raise UserError("steps must be at least 1")
+        raise UserError(f"{recipe.steps} steps is more than the model's "
+                        f"{pipe.scheduler.config.num_train_timesteps} noise levels: pass fewer --steps")
     configure_scheduler(pipe, recipe.sampler, recipe.timestep_spacing, recipe.prediction_type)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     kwargs = dict(guidance_scale=recipe.guidance, generator=generators, output_type=output_type)
@@ -100,26 +123,41 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
              recipe: str | Recipe | None = None, steps: int | None = None,
              sampler: str | None = None, eta: float | None = None, guidance: float | None = None,
              negative: str | None = None, seed: int = 0, batch: int = 1, pipe=None,
-             config: str | None = None, unet: str | None = None) -> Generation:
+             config: str | None = None, unet: str | None = None, chunk: int = CHUNK) -> Generation:
     """Generate ``batch`` images per prompt; seeds are ``seed, seed+1, ...`` for each prompt.
+    At most ``MAX_IMAGES`` in all, made ``chunk`` images a pipeline call.
 
     ``loras`` are "PATH" or "PATH:SCALE" strings; without a scale the recipe's is used.
     ``unet`` (a UNet folder or .safetensors file) replaces the model's UNet, e.g. with a
     one-step full-network student. Pass an already loaded ``pipe`` to skip loading.
     """
-    prompts = _check_prompts(list(prompts))
-    if batch < 1:
-        raise UserError("--batch must be at least 1")
+    prompts = _check_request(list(prompts), batch, seed)
     r = resolve_recipe(recipe, steps=steps, sampler=sampler, eta=eta, guidance=guidance)
     if negative and r.guidance <= 1:
         raise UserError(f"a negative prompt needs classifier-free guidance, and recipe {r.name!r} "
                         f"runs at guidance {r.guidance:g}: pass --guidance above 1 or use a "
                         "recipe that keeps CFG (teacher, hyper-sd-cfg)")
     parsed = [(p, r.lora_scale if s is None else s) for p, s in map(parse_lora, loras)]
+    for path, _ in parsed:  # before the model loads: a missing or broken file fails fast
+        check_lora_file(path)
     if pipe is None:
         pipe = load_pipeline(model, config=config, unet=unet)
         load_loras(pipe, parsed)
+    warn_truncated(pipe, prompts)
     all_prompts = [p for p in prompts for _ in range(batch)]
     seeds = [seed + k for _ in prompts for k in range(batch)]
-    images = run_pipeline(pipe, all_prompts, r, seeds, negative)
+    images = run_in_chunks(pipe, all_prompts, r, seeds, negative, chunk)
     return Generation(images, all_prompts, seeds, r, model or "mini", parsed, negative, unet)
+
+
+def run_in_chunks(pipe, prompts: list[str], recipe: Recipe, seeds: list[int],
+                  negative: str | None = None, chunk: int = CHUNK) -> list[Image.Image]:
+    """``run_pipeline`` over at most ``chunk`` images a call, with a progress bar when there is
+    more than one call; each image has its own seed, so the images are those of one call."""
+    images = []
+    with tqdm(total=len(prompts), unit="image", desc="generating", disable=len(prompts) <= chunk) as bar:
+        for start in range(0, len(prompts), chunk):
+            images += run_pipeline(pipe, prompts[start:start + chunk], recipe, seeds[start:start + chunk],
+                                   negative)
+            bar.update(len(prompts[start:start + chunk]))
+    return images

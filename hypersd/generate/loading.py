@@ -4,6 +4,7 @@ UNet (a full-network student) and LoRAs."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler,
                        UNet2DConditionModel)
 
 from hypersd.errors import UserError
+from hypersd.files import check_safetensors
+from hypersd.generate.recipes import check_lora_scale
 from hypersd.models.mini import MINI_DIR, load_text_encoder
 
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
@@ -19,6 +22,7 @@ PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
               "lcm": LCMScheduler, "tcd": TCDScheduler}
 BUNDLED = "mini"
+PICKLED = (".bin", ".pt", ".pth", ".ckpt")  # pickles: loading one may run code, so none is read
 
 
 def _model_index(model: str) -> dict:
@@ -39,8 +43,16 @@ def _model_index(model: str) -> dict:
                         "first or pass a local folder") from e
 
 
+def refuse_pickle(path: str | Path, what: str) -> None:
+    """Weights stored as a pickle are refused: unpickling a file may run any code it names."""
+    if Path(path).suffix.lower() in PICKLED:
+        raise UserError(f"{what} {path} is a pickle ({Path(path).suffix}), which hypersd does not read "
+                        "(loading one can run code): use its .safetensors version")
+
+
 def _is_sdxl_checkpoint(path: Path) -> bool:
     from safetensors import safe_open
+    check_safetensors(path, "checkpoint")
     with safe_open(str(path), "pt") as f:
         return any(k.startswith("conditioner.") for k in f.keys())
 
@@ -50,7 +62,7 @@ def load_pipeline(model: str | None = None, dtype: torch.dtype | None = None,
     """A StableDiffusion(XL)Pipeline for ``model``: None or "mini" is the bundled teacher.
 
     The pipeline class is read from the folder's model_index.json. A single-file checkpoint
-    (.safetensors/.ckpt) is loaded with ``from_single_file``; offline, pass ``config``, a
+    (.safetensors) is loaded with ``from_single_file``; offline, pass ``config``, a
     folder or hub id holding the matching diffusers configuration. ``unet`` replaces the
     pipeline's UNet (see ``load_unet``).
     """
@@ -74,11 +86,19 @@ def load_unet(path: str, like) -> UNet2DConditionModel:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise UserError(f"{path} has no config.json: pass a diffusers UNet folder or a .safetensors file")
-        unet = UNet2DConditionModel.from_pretrained(p)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(p, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, TypeError) as e:  # broken config or weights
+            raise UserError(f"cannot load UNet folder {path} ({_reason(e)}): pass a complete "
+                            "diffusers UNet folder with .safetensors weights") from e
         _check_fits(unet.state_dict(), like, path)
         return unet
-    if p.suffix != ".safetensors" or not p.exists():
+    if not p.exists():
         raise UserError(f"UNet {path} not found: pass a diffusers UNet folder or a .safetensors file")
+    if p.suffix != ".safetensors":
+        raise UserError(f"UNet {path} is not a .safetensors file: pass a diffusers UNet folder or a "
+                        ".safetensors file")
+    check_safetensors(p, "UNet")
     state = load_file(str(p))
     unet = UNet2DConditionModel.from_config(like.config)
     try:
@@ -107,15 +127,16 @@ def _load_base(model: str | None, config: str | None):
                             "run scripts/train_teacher.sh")
         model = str(MINI_DIR)
     path = Path(model)
-    if path.suffix in (".safetensors", ".ckpt"):
+    refuse_pickle(path, "checkpoint")
+    if path.suffix == ".safetensors":
         if not path.exists():
             raise UserError(f"checkpoint {model} does not exist")
         cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
         try:
             pipe = cls.from_single_file(model, config=config)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot load single-file checkpoint {model}: {e}. Offline, pass "
-                            "--config with the model's diffusers folder") from e
+            raise UserError(f"cannot load single-file checkpoint {model} ({_reason(e)}): offline, "
+                            "pass --config with the model's diffusers folder") from e
         return pipe
     index = _model_index(model)
     cls = PIPELINES.get(index.get("_class_name"))
@@ -127,41 +148,90 @@ def _load_base(model: str | None, config: str | None):
         extra["tokenizer"], extra["text_encoder"] = load_text_encoder()
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        pipe = cls.from_pretrained(model, **extra)
+        pipe = cls.from_pretrained(model, use_safetensors=True, **extra)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load {model}: {e}") from e
+        raise UserError(f"cannot load {model} ({_reason(e)}): pass a complete diffusers pipeline "
+                        "folder with .safetensors weights") from e
     return pipe
 
 
 def parse_lora(spec: str) -> tuple[str, float | None]:
-    """'PATH' or 'PATH:SCALE' -> (path, scale or None)."""
+    """'PATH' or 'PATH:SCALE' -> (path, scale or None); a scale is a finite number within
+    ±MAX_LORA_SCALE. A path that exists as given, colon and all, is taken whole."""
     path, sep, scale = spec.rpartition(":")
-    if sep and path and not scale.startswith(("/", "\\")):
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, None
+    if (not sep or not path or Path(spec).exists() or scale.startswith(("/", "\\"))
+            or scale.lower().endswith((".safetensors", *PICKLED))):
+        return spec, None
+    try:
+        value = float(scale)
+    except ValueError:
+        raise UserError(f"LoRA scale {scale!r} in {spec!r} is not a number: write PATH:SCALE, "
+                        f"e.g. {path}:0.8") from None
+    return path, check_lora_scale(value, path)
+
+
+def check_lora_file(path: str) -> None:
+    """A LoRA that exists (a file or a diffusers LoRA folder); a file safetensors can open whole."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"LoRA file {path} does not exist: check the path")
+    refuse_pickle(p, "LoRA")
+    if p.is_file():
+        check_safetensors(p, "LoRA")
 
 
 def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
     """Load LoRA files (diffusers/peft or kohya format) and activate them at their scales."""
     names = []
     for i, (path, scale) in enumerate(loras):
-        if not Path(path).exists():
-            raise UserError(f"LoRA file {path} does not exist")
+        check_lora_file(path)
+        check_lora_scale(scale, path)
         name = f"lora{i}"
         try:
-            pipe.load_lora_weights(path, adapter_name=name)
+            with _quiet_loading():
+                pipe.load_lora_weights(path, adapter_name=name, use_safetensors=True)
         except Exception as e:  # noqa: BLE001 - corrupt files and shape mismatches
-            raise UserError(f"cannot load LoRA {path}: {str(e).splitlines()[0][:200]}. Is it a "
-                            "LoRA for this base model (SD1.5 vs SDXL)?") from e
+            raise UserError(f"cannot load LoRA {path}: {_lora_mismatch(e)}: pass a LoRA made for "
+                            "this base model (SD1.5 vs SDXL), or the --model it was made for") from e
         if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
-            raise UserError(f"LoRA {path} matched no layer of this model: it was made for "
-                            "another base model")
+            raise UserError(f"LoRA {path} matched no layer of this model: pass a LoRA made for "
+                            "this base model (SD1.5 vs SDXL), or the --model it was made for")
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
+
+
+def _lora_mismatch(e: Exception) -> str:
+    """What diffusers' or peft's error says about a LoRA, in a few words."""
+    text = str(e)
+    if "size mismatch" in text:
+        return "its layers have other shapes than this model's"
+    if "not found in the base model" in text:
+        return "none of its layers is in this model"
+    return _reason(e)
+
+
+def _reason(e: Exception) -> str:
+    """The first line of a library's error, for a one-line message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200].rstrip(".")
+
+
+@contextmanager
+def _quiet_loading():
+    """diffusers' log of the error it raises and peft's warnings about the file's config: the
+    caller says what matters in one line."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def configure_scheduler(pipe, sampler: str, timestep_spacing: str | None = None,

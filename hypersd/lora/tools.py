@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hypersd.errors import UserError
+from hypersd.files import check_safetensors, write_file
+from hypersd.generate.recipes import check_lora_scale
 from hypersd.lora.formats import KOHYA_PREFIXES
 
 _DIFFUSERS = (".lora_A.weight", ".lora_B.weight")
@@ -35,14 +37,13 @@ class LoraFile:
 
 def read_lora(path: str | Path) -> LoraFile:
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"LoRA file {path} does not exist")
-    try:
-        with safe_open(str(path), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad files
-        raise UserError(f"{path} is not a readable safetensors file ({e})") from e
+    if not path.is_file():
+        raise UserError(f"LoRA file {path} does not exist: check the path" if not path.exists()
+                        else f"{path} is a folder: pass a LoRA .safetensors file")
+    check_safetensors(path, "LoRA")
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() or {}
     kohya = any(k.endswith(_KOHYA[0]) for k in tensors)
     down, up = _KOHYA if kohya else _DIFFUSERS
     lf = LoraFile("kohya" if kohya else "diffusers", metadata=metadata)
@@ -65,6 +66,7 @@ def read_lora(path: str | Path) -> LoraFile:
 
 def rescale(lf: LoraFile, scale: float) -> LoraFile:
     """The same LoRA with ΔW multiplied by ``scale``."""
+    check_lora_scale(scale, "--scale")
     return LoraFile(lf.format, {n: [a, b * scale, al] for n, (a, b, al) in lf.modules.items()}, lf.metadata)
 
 
@@ -100,7 +102,8 @@ def to_format(lf: LoraFile, fmt: str, module_names: list[str] | None = None) -> 
                   for c, names in module_names for n in names}
         missing = [n for n in lf.modules if n not in lookup]
         if missing:
-            raise UserError(f"{len(missing)} LoRA module(s) not in the base model, e.g. {missing[0]}")
+            raise UserError(f"{len(missing)} of the LoRA's {len(lf.modules)} modules are not in the base "
+                            f"model, e.g. {missing[0]}: pass the --model the LoRA was made for")
         return LoraFile("diffusers", {lookup[n]: m for n, m in lf.modules.items()}, lf.metadata)
     raise UserError(f"unknown LoRA format {fmt!r}: use diffusers or kohya")
 
@@ -111,8 +114,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def write_lora(lf: LoraFile, path: str | Path, dtype: str | None = None) -> Path:
     """Write in the LoraFile's own format (alphas kept exactly as kohya alphas / folded into B),
     in ``dtype`` ("fp32", "fp16" or "bf16"; default: as read)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, (a, b, alpha) in lf.modules.items():
         if lf.format == "kohya":
@@ -129,8 +130,8 @@ def write_lora(lf: LoraFile, path: str | Path, dtype: str | None = None) -> Path
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
         tensors = {k: v if k.endswith(".alpha") else v.to(DTYPES[dtype]) for k, v in tensors.items()}
-    save_file(tensors, path, metadata={"format": "pt", **meta})
-    return path
+    return write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **meta}),
+                      "output path")
 
 
 def unet_module_names(pipe) -> list[tuple[str, list[str]]]:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from hypersd.errors import UserError
 from hypersd.metrics.real import AestheticHead, _load, clip_pixels
+from hypersd.torchfile import load_weights
 
 REWARD_MEAN, REWARD_STD = 0.16717362830052426, 1.0333394966054072  # the published standardisation
 MAX_TOKENS = 35
@@ -76,17 +77,17 @@ class ImageReward:
     @classmethod
     def from_pretrained(cls, checkpoint: str, blip: str = "Salesforce/blip-itm-large-coco"
                         ) -> "ImageReward":
-        """``checkpoint``: the published ``ImageReward.pt``; ``blip``: a transformers BLIP
-        retrieval model of the same shape (ViT-L, 224 px), from a folder or hub id, whose
-        config and tokenizer are used and whose weights are replaced."""
+        """``checkpoint``: the published ``ImageReward.pt`` or a ``.safetensors`` conversion of
+        it, read without unpickling; ``blip``: a transformers BLIP retrieval model of the same
+        shape (ViT-L, 224 px), from a folder or hub id, whose config and tokenizer are used and
+        whose weights are replaced."""
         from transformers import AutoTokenizer, BlipForImageTextRetrieval
         if not Path(checkpoint).is_file():
             raise UserError(f"ImageReward weights {checkpoint!r} not found: download "
                             "ImageReward.pt (hub: THUDM/ImageReward) and pass its path")
-        model = _load("BLIP", BlipForImageTextRetrieval.from_pretrained, blip)
+        model = _load("BLIP", BlipForImageTextRetrieval.from_pretrained, blip, use_safetensors=True)
         tokenizer = _load("BLIP tokenizer", AutoTokenizer.from_pretrained, blip)
-        weights, head_state = convert_checkpoint(
-            torch.load(checkpoint, map_location="cpu", weights_only=True))
+        weights, head_state = convert_checkpoint(load_weights(checkpoint))
         missing, _ = model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if k.startswith(("vision_model.", "text_encoder."))
                    and not k.endswith("position_ids")]

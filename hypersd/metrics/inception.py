@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from hypersd.errors import UserError
 from hypersd.metrics.stats import feature_fd, kid
+from hypersd.torchfile import load_weights
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
@@ -161,12 +162,13 @@ class FidInception(nn.Module):
 
 
 def load_fid_inception(path: str | Path) -> FidInception:
-    """The FID Inception with weights from ``path`` (a ``.pth`` state dict)."""
+    """The FID Inception with weights from ``path`` (the ``.pth`` state dict, or a
+    ``.safetensors`` conversion of it), read without unpickling."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Inception weights {str(path)!r} not found: download {FID_WEIGHTS} "
                         f"({FID_WEIGHTS_URL}) and pass its path")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     model = FidInception()
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hypersd.errors import UserError
+from hypersd.torchfile import load_weights
 
 CLIP_B32 = "openai/clip-vit-base-patch32"   # Hyper-SD's CLIP score model (Hyper-SD §4.1)
 CLIP_L14 = "openai/clip-vit-large-patch14"  # the aesthetic predictor's feature model
@@ -22,12 +23,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _load(what: str, loader, source: str):
+def _load(what: str, loader, source: str, **kwargs):
+    """``loader(source, **kwargs)``; models pass ``use_safetensors=True``, so that a folder or
+    hub id holding only a pickled ``pytorch_model.bin`` is refused rather than unpickled."""
     try:
-        return loader(source)
+        return loader(source, **kwargs)
     except Exception as e:  # noqa: BLE001 - hub and file errors come in many types
-        raise UserError(f"{what} weights not found at {source!r} ({type(e).__name__}): download "
-                        "them and pass the local folder") from e
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{what} weights not found at {source!r} ({type(e).__name__}: {reason}): "
+                        "download them (as .safetensors) and pass the local folder") from e
 
 
 def clip_pixels(images, size: int) -> torch.Tensor:
@@ -70,7 +74,7 @@ class ClipScore:
     @classmethod
     def from_pretrained(cls, source: str = CLIP_B32) -> "ClipScore":
         from transformers import AutoTokenizer, CLIPModel
-        return cls(_load("CLIP", CLIPModel.from_pretrained, source),
+        return cls(_load("CLIP", CLIPModel.from_pretrained, source, use_safetensors=True),
                    _load("CLIP tokenizer", AutoTokenizer.from_pretrained, source))
 
     @property
@@ -122,9 +126,9 @@ class AestheticScore:
         if not Path(head_path).exists():
             raise UserError(f"aesthetic head weights {head_path!r} not found: download "
                             "sac+logos+ava1-l14-linearMSE.pth and pass its path")
-        model = _load("CLIP", CLIPModel.from_pretrained, clip)
+        model = _load("CLIP", CLIPModel.from_pretrained, clip, use_safetensors=True)
         head = AestheticHead(model.config.projection_dim)
-        head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
+        head.load_state_dict(load_weights(head_path))
         return cls(model, head)
 
     @property

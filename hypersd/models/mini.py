@@ -72,7 +72,9 @@ def load_text_encoder(dtype=None):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        encoder = BertModel.from_pretrained(path, add_pooling_layer=False, torch_dtype=dtype)
+        # the package ships model.safetensors: a pickled pytorch_model.bin is never read
+        encoder = BertModel.from_pretrained(path, add_pooling_layer=False, torch_dtype=dtype,
+                                            use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     return tokenizer, encoder.eval().requires_grad_(False)

@@ -153,7 +153,7 @@ def _mask2former(path=None, model=None) -> Mask2FormerStructure:
     from transformers import Mask2FormerForUniversalSegmentation
     from hypersd.metrics.real import _load
     return Mask2FormerStructure(_load("Mask2Former", Mask2FormerForUniversalSegmentation.from_pretrained,
-                                      path or MASK2FORMER))
+                                      path or MASK2FORMER, use_safetensors=True))
 
 
 register_reward("mini-structure", MiniStructure.load)

@@ -105,7 +105,7 @@ class _UnetTask:
         vae_dir = vae_folder(run_dir, cfg.handoff)
         if not (vae_dir / "config.json").exists():
             raise UserError(f"no trained VAE in {vae_dir}: run the 'vae' phase first")
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(device)
+        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().to(device)
         images = _images(device, cfg.max_images)
         with torch.no_grad():
             dists = [vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
@@ -255,8 +255,8 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path = MINI_DIR,
     """Write run_dir's VAE and EMA UNet as a diffusers StableDiffusionPipeline folder in fp16
     (the VAE from beside ``handoff`` when run_dir has none)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    vae = AutoencoderKL.from_pretrained(vae_folder(run_dir, handoff))
-    unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
+    vae = AutoencoderKL.from_pretrained(vae_folder(run_dir, handoff), use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "unet", use_safetensors=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
                                    scheduler=build_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)

@@ -24,10 +24,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
+        fsync_tree(tmp)  # a disk that cannot hold it fails here, before ``path`` is touched
     except BaseException:
         _remove(tmp)
         raise
-    fsync_tree(tmp)
     if path.is_dir() and tmp.is_dir():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -13,11 +13,13 @@ from hypersd.errors import UserError
 def _generate(args) -> None:
     from hypersd.files import check_writable
     from hypersd.generate import generate
+    from hypersd.generate.controlnet import pair_controls
     check_writable(args.out)  # before the work, not after it
     result = generate(args.prompts, model=args.model, loras=args.lora or [], recipe=args.recipe,
                       steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
                       negative=args.negative, seed=args.seed, batch=args.batch, config=args.config,
-                      unet=args.unet)
+                      unet=args.unet, lora_dir=args.lora_dir,
+                      controlnets=pair_controls(args.controlnet, args.control_image, args.control_scale))
     paths = result.save(args.out)
     print(f"wrote {len(paths) - 1} image(s) and the grid {paths[-1]}")
 
@@ -46,6 +48,9 @@ def _train_teacher(args) -> None:
     run_dir = train_teacher(cfg)
     if args.export and cfg.phase == "unet":
         print(f"exported {export_pipeline(run_dir)}")
+    if args.export and cfg.phase == "controlnet":
+        from hypersd.teacher.controlnet import export_controlnet
+        print(f"exported {export_controlnet(run_dir)}")
 
 
 def _export_teacher(args) -> None:
@@ -85,6 +90,16 @@ def _per_step(items: list[str] | None, flag: str) -> dict[int, str]:
             raise UserError(f"{flag} {item!r}: write N=PATH, e.g. 4=stage-4.safetensors")
         out[int(n)] = path
     return out
+
+
+def _eval_control(args) -> None:
+    from hypersd.controlnet.evaluate import ControlEvalConfig, control_table, evaluate_control
+    from hypersd.evaluate import parse_steps
+    if args.steps:
+        args.steps = parse_steps(args.steps)
+    cfg = _config_from_flags(ControlEvalConfig, args)
+    print(control_table(evaluate_control(cfg)))
+    print(f"wrote {cfg.out_dir}/table.md and results.json")
 
 
 def _eval(args) -> None:
@@ -196,7 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", help="diffusers config folder/hub id for a single-file --model")
     g.add_argument("--unet", help="a UNet folder or .safetensors file replacing the model's (a full-network student)")
     g.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="repeat for several")
-    g.add_argument("--recipe", help="a named preset (see `hypersd recipes`); default 'teacher'")
+    g.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:WEIGHT> in a prompt finds NAME "
+                   "(default $HYPERSD_LORA_DIR)")
+    g.add_argument("--controlnet", action="append", metavar="MODEL",
+                   help="a diffusers ControlNet folder or hub id; repeat for several, each with a --control-image")
+    g.add_argument("--control-image", action="append", metavar="IMG", help="one per --controlnet, in order")
+    g.add_argument("--control-scale", action="append", type=float, metavar="S",
+                   help="conditioning scale, 0 to 2 (default 1): one per --controlnet, or none")
+    g.add_argument("--recipe", help="a named preset (see `hypersd recipes`); default: the one the "
+                   "LoRA or --unet was made for (said on stderr), else 'teacher'")
     g.add_argument("--steps", type=int)
     g.add_argument("--sampler", help="ddim | euler | lcm | tcd")
     g.add_argument("--eta", type=float)
@@ -246,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pt_inception-2015-12-05-6726825d.pth: adds FID and KID to the data")
     v.set_defaults(func=_eval)
 
+    vc = sub.add_parser("eval-control", help="control fidelity of the mini scribble ControlNet against steps")
+    vc.add_argument("--controlnet", help="a ControlNet folder (default: the bundled mini-controlnet)")
+    vc.add_argument("--lora", help="the accelerator (default: the bundled unified LoRA)")
+    vc.add_argument("--recipe", help="the accelerator's recipe (default: hyper-sd-unified)")
+    vc.add_argument("--steps", help="comma-separated step counts (default: 1,2,4,8)")
+    vc.add_argument("--scale", type=float, help="controlnet_conditioning_scale (default: 1)")
+    vc.add_argument("--prompts", type=int, help="the first N eval prompts only (default: all 420)")
+    vc.add_argument("--out", dest="out_dir", help="default: benchmarks/controlnet")
+    vc.set_defaults(func=_eval_control)
+
     sp = sub.add_parser("bench", help="benchmarks: `bench speed`, `bench train-cost`")
     sp.add_argument("what", choices=["speed", "train-cost"])
     sp.add_argument("--model")
@@ -271,10 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=str(DEFAULT_DIR))
     b.set_defaults(func=_data)
 
-    t = sub.add_parser("train-teacher", help="train the mini teacher (phase vae, then unet)")
+    t = sub.add_parser("train-teacher", help="train the mini teacher (phase vae, then unet) and its "
+                       "scribble ControlNet (phase controlnet)")
     from hypersd.teacher.config import TeacherConfig
     _add_config_flags(t, TeacherConfig)
-    t.add_argument("--export", action="store_true", help=f"after the unet phase, write {MINI_DIR}")
+    t.add_argument("--export", action="store_true",
+                   help=f"after the unet phase, write {MINI_DIR}; after controlnet, its mini-controlnet beside it")
     t.set_defaults(func=_train_teacher)
 
     c = sub.add_parser("train-classifier", help="train the emoji network behind the mini-world metrics")

@@ -107,7 +107,7 @@ CASES = [
     ("lora-truncated", G + ["--lora", CUT], "is cut short"),
     ("lora-not-safetensors", G + ["--lora", "IN/text.safetensors"], "not a readable safetensors file"),
     ("lora-for-sdxl", G + ["--lora", "IN/sdxl-lora.safetensors"], "its layers have other shapes than this model's"),
-    ("lora-kohya-for-sdxl", G + ["--lora", "IN/sdxl-kohya.safetensors"], "other shapes than this model's"),
+    ("lora-kohya-for-sdxl", G + ["--lora", "IN/sdxl-kohya.safetensors"], "none of its layers is in this model"),
     ("lora-pickle", G + ["--lora", "IN/lora.bin"], "is a pickle (.bin), which hypersd does not read"),
     ("model-pickle", G + ["--model", "IN/model.ckpt"], "is a pickle (.ckpt), which hypersd does not read"),
     ("lora-matching-nothing", G + ["--lora", "IN/foreign-lora.safetensors"], "none of its layers is in this model"),

@@ -1,4 +1,11 @@
-"""Saving a student: a LoRA in diffusers format (with peft metadata) and in kohya format."""
+"""Saving a student: a LoRA in diffusers format (with peft metadata) and in kohya format.
+
+Both files carry the sd-scripts/modelspec header (``hypersd.lora.metadata``). The diffusers file
+holds each module's alpha / rank folded into B (peft metadata lora_alpha = rank): ComfyUI and
+A1111 read no peft metadata and no alpha beside ``lora_A``/``lora_B`` keys that diffusers would
+also accept, so a file that is scale 1 everywhere reads the same in every tool. The kohya file
+keeps rank and alpha as trained, one ``.alpha`` per module.
+"""
 
 from __future__ import annotations
 
@@ -10,33 +17,38 @@ from safetensors.torch import save_file
 
 from hypersd.io import atomic_path
 from hypersd.lora import to_kohya
+from hypersd.lora.metadata import SD1, SDXL, lora_metadata
 
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers looks for the peft config
 
 
 def save_lora(state: dict[str, torch.Tensor], lora_config, path: str | Path, info: dict,
-              kohya: bool = True, sdxl: bool = False) -> list[Path]:
-    """Write ``path`` (diffusers keys ``unet.…lora_A.weight``) and ``path.kohya.safetensors``.
+              kohya: bool = True, sdxl: bool = False, unet_config=None) -> list[Path]:
+    """Write ``path`` (diffusers keys ``unet.…lora_A.weight``) and ``path.kohya.safetensors``
+    (sd-scripts' names; SDXL's in ``unet_config``'s original layout).
 
     ``info`` (base model, method, steps served, recommended recipe) goes into both headers
     under "hypersd", as JSON.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    r, alpha = lora_config.r, lora_config.lora_alpha
     tensors = {f"unet.{k}": v.detach().float().contiguous() for k, v in state.items()}
+    folded = {k: v * (alpha / r) if ".lora_B." in k else v for k, v in tensors.items()}
     peft_meta = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v)
-                 for k, v in lora_config.to_dict().items()
+                 for k, v in dict(lora_config.to_dict(), lora_alpha=r).items()
                  if isinstance(v, (int, float, str, bool, list, set, type(None)))}
-    header = {"format": "pt", METADATA_KEY: json.dumps(peft_meta, sort_keys=True),
-              "hypersd": json.dumps(info, sort_keys=True)}
+    ours = {"format": "pt", "hypersd": json.dumps(info, sort_keys=True)}
+    base = SDXL if sdxl else SD1
+    n = sum(k.endswith(".lora_A.weight") for k in tensors)
     written = []
     if kohya:  # first: ``path`` is written last, so its presence means the export is whole
         kpath = path.with_suffix(".kohya.safetensors")
-        _save(to_kohya(tensors, lora_config.lora_alpha, sdxl=sdxl), kpath,
-              {"format": "pt", "hypersd": header["hypersd"],
-               "ss_network_dim": str(lora_config.r), "ss_network_alpha": str(lora_config.lora_alpha)})
+        _save(to_kohya(tensors, alpha, sdxl=sdxl, unet_config=unet_config), kpath,
+              lora_metadata(ours, base, [r] * n, [alpha] * n, kpath.stem))
         written.append(kpath)
-    _save(tensors, path, header)
+    _save(folded, path, lora_metadata(dict(ours, **{METADATA_KEY: json.dumps(peft_meta, sort_keys=True)}),
+                                      base, [r] * n, [float(r)] * n, path.stem))
     return [path] + written
 
 

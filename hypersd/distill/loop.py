@@ -328,7 +328,7 @@ def _export(nets: Networks, student: dict, final: Path, info: dict, sdxl: bool, 
                 save_unet_single_file(unet, tmp, metadata={"hypersd": json.dumps(info, sort_keys=True)})
         return folder
     if main:
-        save_lora(student, nets.lora, final, info, sdxl=sdxl)
+        save_lora(student, nets.lora, final, info, sdxl=sdxl, unet_config=unet.config)
     return final
 
 

@@ -241,6 +241,9 @@ class Networks:
         state = {k.removeprefix("unet."): v for k, v in load_file(path).items()}
         if self.lora is None and any("lora_" in k for k in state):
             return merged_lora(self.state("teacher"), path)
+        if self.lora is not None:  # B as this run's adapter scales it (exports fold alpha / r into B)
+            ratio = _file_scale(path) * self.lora.r / self.lora.lora_alpha
+            state = {k: v * ratio if ".lora_B." in k and ratio != 1 else v for k, v in state.items()}
         return state
 
     def teacher_features(self, x, t, cond) -> list[torch.Tensor]:
@@ -279,3 +282,15 @@ def merged_lora(weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.
         delta = lf.scale_of(name) * (b.flatten(1).double() @ a.flatten(1).double())
         out[key] = (w.double() + delta.view(w.shape)).to(w.dtype)
     return out
+
+
+def _file_scale(path: str) -> float:
+    """The alpha / r a diffusers LoRA file's peft metadata gives (1: none, as loaders read it)."""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        peft = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    alpha = next((v for k, v in peft.items() if k.endswith("lora_alpha")), None)
+    rank = next((v for k, v in peft.items() if k.endswith(".r")), None)
+    return 1.0 if alpha is None or not rank else float(alpha) / float(rank)

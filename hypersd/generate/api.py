@@ -13,9 +13,11 @@ from tqdm.auto import tqdm
 
 from hypersd.errors import UserError, warn
 from hypersd.files import write_folder
+from hypersd.generate.autorecipe import choose_recipe
+from hypersd.generate.controlnet import add_controlnets, check_controls
 from hypersd.generate.grid import make_grid
-from hypersd.generate.loading import (check_lora_file, configure_scheduler, load_loras, load_pipeline,
-                                      parse_lora)
+from hypersd.generate.loading import configure_scheduler, load_pipeline
+from hypersd.generate.prompt_loras import plan_loras
 from hypersd.generate.recipes import SAMPLERS, Recipe, get_recipe
 
 MAX_IMAGES = 4096  # images one call makes (prompts x batch); more is surely a typo
@@ -35,10 +37,14 @@ class Generation:
     loras: list[tuple[str, float]] = field(default_factory=list)
     negative: str | None = None
     unet: str | None = None                 # a UNet that replaced the model's (full-network student)
+    controlnets: list[dict] = field(default_factory=list)  # each ControlNet's model, image and scale
+    lora_sets: list[list[tuple[str, float]]] | None = None  # each image's LoRAs, when prompts name some
 
     def metadata(self, i: int) -> dict:
+        loras = self.lora_sets[i] if self.lora_sets else self.loras
         return {"prompt": self.prompts[i], "seed": self.seeds[i], "negative": self.negative,
-                "model": self.model, "unet": self.unet, "loras": self.loras, "recipe": asdict(self.recipe)}
+                "model": self.model, "unet": self.unet, "loras": loras, "recipe": asdict(self.recipe),
+                **({"controlnets": self.controlnets} if self.controlnets else {})}
 
     def save(self, out_dir: str | Path, grid_cell: int = 128) -> list[Path]:
         """Write one PNG per image (metadata in text chunks) and ``grid.png``, all or none of
@@ -100,8 +106,9 @@ def warn_truncated(pipe, prompts: list[str]) -> None:
 
 @torch.no_grad()
 def run_pipeline(pipe, prompts: list[str], recipe: Recipe, seeds: list[int],
-                 negative: str | None = None, output_type: str = "pil"):
-    """One call of the diffusers pipeline with the recipe's settings; one seed per image."""
+                 negative: str | None = None, output_type: str = "pil", extra: dict | None = None):
+    """One call of the diffusers pipeline with the recipe's settings; one seed per image.
+    ``extra`` holds more call arguments (ControlNets' images and scales)."""
     if recipe.steps > pipe.scheduler.config.num_train_timesteps:
         raise UserError(f"{recipe.steps} steps is more than the model's "
                         f"{pipe.scheduler.config.num_train_timesteps} noise levels: pass fewer --steps")
@@ -116,48 +123,69 @@ def run_pipeline(pipe, prompts: list[str], recipe: Recipe, seeds: list[int],
         kwargs["eta"] = recipe.eta
     if negative:
         kwargs["negative_prompt"] = [negative] * len(prompts)
-    return pipe(prompt=prompts, **kwargs).images
+    return pipe(prompt=prompts, **kwargs, **(extra or {})).images
 
 
 def generate(prompts: list[str], *, model: str | None = None, loras: list[str] = (),
              recipe: str | Recipe | None = None, steps: int | None = None,
              sampler: str | None = None, eta: float | None = None, guidance: float | None = None,
              negative: str | None = None, seed: int = 0, batch: int = 1, pipe=None,
-             config: str | None = None, unet: str | None = None, chunk: int = CHUNK) -> Generation:
+             config: str | None = None, unet: str | None = None, chunk: int = CHUNK,
+             controlnets=(), lora_dir: str | None = None) -> Generation:
     """Generate ``batch`` images per prompt; seeds are ``seed, seed+1, ...`` for each prompt.
     At most ``MAX_IMAGES`` in all, made ``chunk`` images a pipeline call.
 
-    ``loras`` are "PATH" or "PATH:SCALE" strings; without a scale the recipe's is used.
-    ``unet`` (a UNet folder or .safetensors file) replaces the model's UNet, e.g. with a
-    one-step full-network student. Pass an already loaded ``pipe`` to skip loading.
+    ``loras`` are "PATH" or "PATH:SCALE" strings; without a scale the recipe's is used. A
+    prompt may name its own, ``<lora:NAME:WEIGHT>`` (hypersd.generate.prompt_loras; NAME in
+    ``lora_dir``, default ``$HYPERSD_LORA_DIR``). Without ``recipe``, the first LoRA or
+    ``unet`` that says how it is run picks it (hypersd.generate.autorecipe), in one line on
+    stderr; else "teacher". ``unet`` (a UNet folder or .safetensors file) replaces the
+    model's UNet, e.g. with a one-step full-network student. ``controlnets`` are
+    ``(model, image, scale)`` tuples or ``Control``s (hypersd.generate.controlnet): a
+    ControlNet folder or hub id, a control image
+    (a path or a PIL image, resized to the model's resolution, used for every image) and a
+    conditioning scale from 0 to 2 (default 1). Pass an already loaded ``pipe`` to skip loading.
     """
     prompts = _check_request(list(prompts), batch, seed)
-    r = resolve_recipe(recipe, steps=steps, sampler=sampler, eta=eta, guidance=guidance)
-    if negative and r.guidance <= 1:
-        raise UserError(f"a negative prompt needs classifier-free guidance, and recipe {r.name!r} "
-                        f"runs at guidance {r.guidance:g}: pass --guidance above 1 or use a "
-                        "recipe that keeps CFG (teacher, hyper-sd-cfg)")
-    parsed = [(p, r.lora_scale if s is None else s) for p, s in map(parse_lora, loras)]
-    for path, _ in parsed:  # before the model loads: a missing or broken file fails fast
-        check_lora_file(path)
-    if pipe is None:
-        pipe = load_pipeline(model, config=config, unet=unet)
-        load_loras(pipe, parsed)
-    warn_truncated(pipe, prompts)
+    plan = plan_loras(prompts, loras, lora_dir)  # before the model loads: a bad file or tag fails fast
+    choice = choose_recipe(recipe, steps, [unet, *plan.files])
+    with choice.explaining():  # a recipe picked for the user that refuses their settings says why
+        r = resolve_recipe(choice.recipe, steps=choice.steps, sampler=sampler, eta=eta, guidance=guidance)
+        if negative and r.guidance <= 1:
+            raise UserError(f"a negative prompt needs classifier-free guidance, and recipe {r.name!r} "
+                            f"runs at guidance {r.guidance:g}: pass --guidance above 1 or use a "
+                            "recipe that keeps CFG (teacher, hyper-sd-cfg)")
+    parsed = [(p, r.lora_scale if s is None else s) for p, s in plan.shared]
+    controls = check_controls(controlnets)  # scales, configs and images, before the model
+    if pipe is None or plan.any_tags:  # a given pipe holds its LoRAs already, unless prompts name some
+        if pipe is None:
+            pipe = load_pipeline(model, config=config, unet=unet)
+        plan.load(pipe, r.lora_scale)
+    choice.say(r)
+    pipe, control_args = add_controlnets(pipe, controls)
+    warn_truncated(pipe, plan.texts)
     all_prompts = [p for p in prompts for _ in range(batch)]
     seeds = [seed + k for _ in prompts for k in range(batch)]
-    images = run_in_chunks(pipe, all_prompts, r, seeds, negative, chunk)
-    return Generation(images, all_prompts, seeds, r, model or "mini", parsed, negative, unet)
+    images = [None] * len(all_prompts)
+    for group in plan.passes(pipe, batch, r.lora_scale):  # one pass per set of LoRAs the prompts name
+        made = run_in_chunks(pipe, [plan.texts[i // batch] for i in group], r, [seeds[i] for i in group],
+                             negative, chunk, control_args)
+        for i, image in zip(group, made):
+            images[i] = image
+    lora_sets = [s for s in plan.sets(r.lora_scale) for _ in range(batch)] if plan.any_tags else None
+    return Generation(images, all_prompts, seeds, r, model or "mini", parsed, negative, unet,
+                      [c.control.record() for c in controls], lora_sets)
 
 
 def run_in_chunks(pipe, prompts: list[str], recipe: Recipe, seeds: list[int],
-                  negative: str | None = None, chunk: int = CHUNK) -> list[Image.Image]:
+                  negative: str | None = None, chunk: int = CHUNK,
+                  extra: dict | None = None) -> list[Image.Image]:
     """``run_pipeline`` over at most ``chunk`` images a call, with a progress bar when there is
     more than one call; each image has its own seed, so the images are those of one call."""
     images = []
     with tqdm(total=len(prompts), unit="image", desc="generating", disable=len(prompts) <= chunk) as bar:
         for start in range(0, len(prompts), chunk):
             images += run_pipeline(pipe, prompts[start:start + chunk], recipe, seeds[start:start + chunk],
-                                   negative)
+                                   negative, extra=extra)
             bar.update(len(prompts[start:start + chunk]))
     return images

@@ -180,8 +180,9 @@ def check_lora_file(path: str) -> None:
         check_safetensors(p, "LoRA")
 
 
-def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
-    """Load LoRA files (diffusers/peft or kohya format) and activate them at their scales."""
+def load_loras(pipe, loras: list[tuple[str, float]]) -> list[str]:
+    """Load LoRA files (diffusers/peft or kohya format), activate them at their scales and
+    return their adapter names."""
     names = []
     for i, (path, scale) in enumerate(loras):
         check_lora_file(path)
@@ -199,6 +200,7 @@ def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[s for _, s in loras])
+    return names
 
 
 def _lora_mismatch(e: Exception) -> str:

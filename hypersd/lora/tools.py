@@ -2,7 +2,9 @@
 
 A LoRA is held as modules -> (A, B, alpha): ΔW = (alpha / r) · B A with r = rows of A.
 Merging concatenates along the rank, ΔW = Σ w_i (α_i / r_i) B_i A_i exactly, folding each
-scale into B (the result has alpha = rank, scale 1).
+scale into B (the result has alpha = rank, scale 1). Module names are normalised first (kohya
+files name SDXL's layers two ways), and every file written carries the sd-scripts/modelspec
+header (``hypersd.lora.metadata``) with its base, rank and alpha.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from safetensors.torch import save_file
 from hypersd.errors import UserError
 from hypersd.files import check_safetensors, write_file
 from hypersd.generate.recipes import check_lora_scale
-from hypersd.lora.formats import KOHYA_PREFIXES
+from hypersd.lora.formats import canonical_kohya, kohya_lookup, kohya_name, unet_layout
+from hypersd.lora.metadata import SDXL, base_of, kept, lora_metadata
 
 _DIFFUSERS = (".lora_A.weight", ".lora_B.weight")
 _KOHYA = (".lora_down.weight", ".lora_up.weight")
@@ -33,6 +36,13 @@ class LoraFile:
     def scale_of(self, name: str) -> float:
         a, _, alpha = self.modules[name]
         return 1.0 if alpha is None else float(alpha) / a.shape[0]
+
+    @property
+    def base(self) -> str:
+        """"sd1" or "sdxl" (``hypersd.lora.metadata.base_of``)."""
+        cross = {a.shape[1] for n, (a, _, _) in self.modules.items()
+                 if "attn2" in n and ("to_k" in n or "to_v" in n)}
+        return base_of(self.modules, self.metadata, cross)
 
 
 def read_lora(path: str | Path) -> LoraFile:
@@ -70,12 +80,30 @@ def rescale(lf: LoraFile, scale: float) -> LoraFile:
     return LoraFile(lf.format, {n: [a, b * scale, al] for n, (a, b, al) in lf.modules.items()}, lf.metadata)
 
 
+def normalised(lf: LoraFile) -> LoraFile:
+    """Kohya module names as we write them (``formats.canonical_kohya``): SDXL layers named the
+    diffusers way or ``lora_te_`` take their original-layout and ``lora_te1_`` names."""
+    if lf.format != "kohya":
+        return lf
+    sdxl = lf.base == SDXL
+    layout = unet_layout([n[len("lora_unet_"):] for n in lf.modules if n.startswith("lora_unet_")])
+    modules = {}
+    for name, m in lf.modules.items():
+        new = canonical_kohya(name, sdxl, layout)
+        if new in modules:
+            raise UserError(f"{name} and another module of this LoRA name the same layer")
+        modules[new] = m
+    return LoraFile(lf.format, modules, lf.metadata)
+
+
 def merge(files: list[tuple[LoraFile, float]]) -> LoraFile:
     """One LoRA whose ΔW is the weighted sum of the inputs' (all in one format)."""
     formats = {lf.format for lf, _ in files}
     if len(formats) != 1:
         raise UserError("convert the LoRAs to one format before merging them")
-    out = LoraFile(formats.pop())
+    files = [(normalised(lf), w) for lf, w in files]
+    out = LoraFile(formats.pop(), metadata=kept(files[0][0].metadata))
+    out.metadata.pop("hypersd", None)  # a merge is no one stage's student
     names = dict.fromkeys(n for lf, _ in files for n in lf.modules)
     for name in names:
         parts = [(lf.modules[name], w * lf.scale_of(name)) for lf, w in files if name in lf.modules]
@@ -86,20 +114,28 @@ def merge(files: list[tuple[LoraFile, float]]) -> LoraFile:
 
 
 def to_format(lf: LoraFile, fmt: str, module_names: list[str] | None = None) -> LoraFile:
-    """Rename modules between formats; kohya -> diffusers needs the model's module names."""
+    """Rename modules between formats; kohya -> diffusers needs the model's module names.
+
+    kohya names are sd-scripts' (``formats.kohya_name``): SDXL's in the original layout;
+    kohya -> diffusers reads either naming of every module of the model."""
+    if fmt == "kohya" and lf.format == "kohya":
+        return normalised(lf)
     if fmt == lf.format:
         return lf
     if fmt == "kohya":
-        renamed = {}
-        for name, m in lf.modules.items():
-            component, _, module = name.partition(".")
-            renamed[f"{KOHYA_PREFIXES[component]}_{module.replace('.', '_')}"] = m
+        sdxl = lf.base == SDXL
+        unet = dict(module_names or []).get("unet") or [n.partition(".")[2] for n in lf.modules
+                                                        if n.startswith("unet.")]
+        layout = unet_layout(unet)
+        try:
+            renamed = {kohya_name(name, sdxl, layout): m for name, m in lf.modules.items()}
+        except ValueError as e:
+            raise UserError(f"{e}: only unet, text_encoder and text_encoder_2 modules have kohya names") from None
         return LoraFile("kohya", renamed, lf.metadata)
     if fmt == "diffusers":
         if module_names is None:
             raise UserError("converting kohya to diffusers needs the base model (--model) for module names")
-        lookup = {f"{KOHYA_PREFIXES[c]}_{n.replace('.', '_')}": f"{c}.{n}"
-                  for c, names in module_names for n in names}
+        lookup = kohya_lookup(module_names)
         missing = [n for n in lf.modules if n not in lookup]
         if missing:
             raise UserError(f"{len(missing)} of the LoRA's {len(lf.modules)} modules are not in the base "
@@ -125,7 +161,10 @@ def write_lora(lf: LoraFile, path: str | Path, dtype: str | None = None) -> Path
             tensors[f"{name}.lora_A.weight"] = a.contiguous()
             tensors[f"{name}.lora_B.weight"] = (b * scale).contiguous()
     # no peft metadata: with scales folded into B, loaders infer rank from shapes, alpha = rank
-    meta = {k: v for k, v in lf.metadata.items() if k == "hypersd"}
+    ranks = [a.shape[0] for a, _, _ in lf.modules.values()]
+    alphas = ([float(r if al is None else al) for r, (_, _, al) in zip(ranks, lf.modules.values())]
+              if lf.format == "kohya" else [float(r) for r in ranks])
+    meta = lora_metadata(kept(lf.metadata), lf.base, ranks, alphas, Path(path).stem)
     if dtype is not None:
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")

@@ -9,7 +9,8 @@ from hypersd.errors import UserError
 
 @dataclass
 class TeacherConfig:
-    phase: str = "unet"              # "vae" or "unet"; the UNet needs a trained VAE in run_dir/vae
+    phase: str = "unet"              # "vae", "unet" (needs a trained VAE in run_dir/vae) or
+                                     # "controlnet" (the scribble ControlNet of the bundled model)
     run_dir: str = "runs/teacher"    # checkpoints, TensorBoard logs, trained parts
     steps: int = 60_000              # total optimizer steps of this phase
     max_minutes: float = 0.0         # stop (after a checkpoint) when this wall time is spent; 0 = no limit
@@ -30,7 +31,7 @@ class TeacherConfig:
     max_images: int = 0              # train on the first N images only (smoke tests); 0 = all
 
     def __post_init__(self):
-        if self.phase not in ("vae", "unet"):
-            raise UserError(f"phase must be 'vae' or 'unet', not {self.phase!r}")
+        if self.phase not in ("vae", "unet", "controlnet"):
+            raise UserError(f"phase must be 'vae', 'unet' or 'controlnet', not {self.phase!r}")
         if self.steps <= 0 or self.batch_size <= 0:
             raise UserError("steps and batch_size must be positive")

@@ -9,6 +9,7 @@ dropout for classifier-free guidance and min-SNR weighting.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -100,19 +101,21 @@ class _VaeTask:
 
 
 class _UnetTask:
-    def __init__(self, cfg: TeacherConfig, run_dir: Path, device):
+    """The UNet's denoising loss on cached latents and caption embeddings (min-SNR weighted)."""
+
+    def __init__(self, cfg: TeacherConfig, run_dir: Path, device, vae_dir: Path | None = None):
         self.cfg = cfg
-        vae_dir = vae_folder(run_dir, cfg.handoff)
+        vae_dir = vae_dir or vae_folder(run_dir, cfg.handoff)
         if not (vae_dir / "config.json").exists():
             raise UserError(f"no trained VAE in {vae_dir}: run the 'vae' phase first")
         vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().to(device)
-        images = _images(device, cfg.max_images)
+        self.images = _images(device, cfg.max_images)
         with torch.no_grad():
-            dists = [vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
+            dists = [vae.encode(self.images[i:i + 512]).latent_dist for i in range(0, len(self.images), 512)]
         self.mean = torch.cat([d.mean for d in dists]) * vae.config.scaling_factor
         self.std = torch.cat([d.std for d in dists]) * vae.config.scaling_factor
         data = load_emoji32()
-        self.text = encode_captions(data.captions[:len(images)]).to(device)
+        self.text = encode_captions(data.captions[:len(self.images)]).to(device)
         self.empty = encode_captions([""]).to(device)
         self.scheduler = build_scheduler()
         alphas = self.scheduler.alphas_cumprod.to(device)
@@ -129,12 +132,16 @@ class _UnetTask:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=g).to(z0.device)
         noise = torch.randn(z0.shape, generator=g).to(z0)
         zt = self.scheduler.add_noise(z0, noise, t)
-        eps = model(zt, t, text).sample
+        eps = self.predict(model, zt, t, text, idx, g)
         per_sample = (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0:  # min-SNR-γ weights for epsilon prediction
             snr = self.snr[t]
             per_sample = per_sample * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
         return per_sample.mean(), {}
+
+    def predict(self, model, zt, t, text, idx, g):
+        """The ε prediction for the noised batch (``idx``: its images; ``g``: further draws)."""
+        return model(zt, t, text).sample
 
     def finish(self, model, run_dir: Path) -> None:
         pass
@@ -149,18 +156,17 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(log_with="tensorboard", project_dir=str(run_dir))
     set_seed(cfg.seed)
-    task = (_VaeTask(cfg, accelerator.device) if cfg.phase == "vae"
-            else _UnetTask(cfg, run_dir, accelerator.device))
+    task = _task(cfg, run_dir, accelerator.device)
     model = task.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay) if cfg.phase == "unet" else None
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay) if cfg.phase != "vae" else None
     model, opt, lr_sched = accelerator.prepare(model, opt, lr_sched)
     start = 0
     if (last := checkpoint.latest(ckpt_dir, set_aside=accelerator.is_main_process)) is not None:
         start = _load_checkpoint(last, accelerator.unwrap_model(model), opt, lr_sched, ema)
         accelerator.print(f"resuming {cfg.phase} from step {start}")
-    elif ema is not None and Path(cfg.handoff).exists():
+    elif cfg.phase == "unet" and Path(cfg.handoff).exists():
         start = _load_handoff(cfg.handoff, accelerator.unwrap_model(model), ema)
         lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps // 4)
         accelerator.print(f"resuming unet from the handoff {cfg.handoff} at step {start} "
@@ -193,10 +199,19 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             _save_weights(accelerator.unwrap_model(model), ema, run_dir, cfg.phase, task)
             if out_of_time:
                 break
-    if ema is not None and cfg.handoff and accelerator.is_main_process:
+    if cfg.phase == "unet" and cfg.handoff and accelerator.is_main_process:
         _save_handoff(cfg.handoff, accelerator.unwrap_model(model), ema, step + 1)
     accelerator.end_training()
     return run_dir
+
+
+def _task(cfg: TeacherConfig, run_dir: Path, device):
+    if cfg.phase == "vae":
+        return _VaeTask(cfg, device)
+    if cfg.phase == "controlnet":
+        from hypersd.teacher.controlnet import ControlNetTask
+        return ControlNetTask(cfg, run_dir, device)
+    return _UnetTask(cfg, run_dir, device)
 
 
 def _save_handoff(path: str, model, ema, step: int) -> None:
@@ -231,15 +246,15 @@ def _load_handoff(path: str, model, ema) -> int:
 
 
 def _save_weights(model, ema, run_dir: Path, phase: str, task) -> None:
+    """The phase's trained part as a diffusers folder in run_dir (the EMA weights, if kept)."""
     if phase == "vae":
         task.finish(model, run_dir)
         model.train()
         return
-    unet = build_unet()
-    unet.load_state_dict(model.state_dict())
-    ema.copy_to(unet.parameters())
-    with atomic_path(run_dir / "unet") as tmp:
-        unet.save_pretrained(tmp)
+    net = copy.deepcopy(model).eval()
+    ema.copy_to(net.parameters())
+    with atomic_path(run_dir / phase) as tmp:
+        net.save_pretrained(tmp)
 
 
 def vae_folder(run_dir: str | Path, handoff: str | None) -> Path:

@@ -1,0 +1,141 @@
+"""Control fidelity of the mini scribble ControlNet against steps (``hypersd eval-control``).
+
+Each eval-split prompt is drawn with a scribble given as white strokes on black, twice:
+with its own emoji's scribble (*matched*) and with another emoji's (*crossed*, a fixed
+pairing of the split). The mini teacher memorises its emoji, so a prompt alone already
+fixes the drawing: only the crossed case shows whether the strokes steer it. Two numbers per
+row, each with a 95% bootstrap interval:
+  control F1  ``edge_f1`` of the given scribble and the scribble read back from the output
+              (1-pixel tolerance): how far the drawing follows the strokes;
+  top-1       the emoji network names the prompt's emoji: how far it still follows the prompt.
+Rows: the teacher without ControlNet (the floor), the teacher with it at 25 steps (the
+reference), and the accelerator with it at each step count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hypersd.controlnet.scribble import as_control_image, edge_f1, scribble
+from hypersd.data import load_emoji32
+from hypersd.errors import UserError
+from hypersd.files import write_file
+from hypersd.generate import load_loras, load_pipeline, resolve_recipe, run_pipeline
+from hypersd.teacher.controlnet import CONTROLNET_DIR
+
+BUNDLED_LORA = CONTROLNET_DIR.parent / "loras" / "hyper-sd-mini-unified.safetensors"
+
+
+@dataclass
+class ControlEvalConfig:
+    controlnet: str = str(CONTROLNET_DIR)
+    lora: str = str(BUNDLED_LORA)          # the accelerator
+    recipe: str = "hyper-sd-unified"       # the accelerator's sampler settings
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    scale: float = 1.0                     # controlnet_conditioning_scale
+    reference_steps: int = 25              # the teacher rows' DDIM steps
+    seed: int = 0
+    batch: int = 105
+    prompts: int = 0                       # the first N eval prompts only (0: all 420)
+    out_dir: str = "benchmarks/controlnet"
+
+    def __post_init__(self):
+        if not self.steps or any(not isinstance(n, int) or n < 1 for n in self.steps):
+            raise UserError(f"--steps: step counts must be whole numbers of 1 or more, not {self.steps}")
+        if not 0 <= self.scale <= 2:  # also refuses nan
+            raise UserError(f"--scale {self.scale}: a ControlNet scale runs from 0 to 2 (1 as trained)")
+        if self.prompts < 0 or self.batch < 1:
+            raise UserError("--prompts must be 0 (all) or more, and batch at least 1")
+
+
+def eval_split_scribbles() -> tuple[list[str], torch.Tensor]:
+    """Each eval prompt (once) and the scribble of its first image, (N, 1, 32, 32)."""
+    data = load_emoji32()
+    first: dict[str, int] = {}
+    for i in data.indices("eval"):
+        first.setdefault(data.captions[i], i)
+    images = torch.from_numpy(data.images[list(first.values())]).permute(0, 3, 1, 2).float() / 255
+    return list(first), scribble(images)
+
+
+def _pil(maps: torch.Tensor) -> list[Image.Image]:
+    arr = (as_control_image(maps).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def draw(pipe, prompts, recipe, seeds, controls, scale, batch) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1]; ``controls`` None draws without ControlNet."""
+    out = []
+    for s in range(0, len(prompts), batch):
+        extra = None if controls is None else {"image": controls[s:s + batch],
+                                               "controlnet_conditioning_scale": scale}
+        images = run_pipeline(pipe, prompts[s:s + batch], recipe, seeds[s:s + batch], extra=extra)
+        out.append(torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 255)
+    return torch.cat(out)
+
+
+def score(images: torch.Tensor, wanted: torch.Tensor, prompts: list[str], metrics) -> dict:
+    from hypersd.metrics.stats import bootstrap_ci
+    f1 = edge_f1(wanted, scribble(images)).double().numpy()
+    pil = [Image.fromarray(a) for a in (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
+    hit = (metrics.score(pil, prompts).rank == 0).astype(np.float64) * 100
+    return {"f1": float(f1.mean()), "f1_ci": bootstrap_ci(lambda i: f1[i].mean(), len(f1)),
+            "top1": float(hit.mean()), "top1_ci": bootstrap_ci(lambda i: hit[i].mean(), len(hit))}
+
+
+def evaluate_control(cfg: ControlEvalConfig) -> list[dict]:
+    """Every row (see the module doc); writes results.json and table.md under ``out_dir``."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from hypersd.metrics.mini import MiniMetrics
+    if not (Path(cfg.controlnet) / "config.json").exists():
+        raise UserError(f"no ControlNet in {cfg.controlnet}: train it with "
+                        "`hypersd train-teacher --phase controlnet --export`")
+    recipes = {n: resolve_recipe(cfg.recipe, steps=n) for n in cfg.steps}  # bad steps fail before any work
+    prompts, maps = eval_split_scribbles()
+    if cfg.prompts:
+        prompts, maps = prompts[:cfg.prompts], maps[:cfg.prompts]
+    crossed = torch.roll(maps, len(maps) // 2, dims=0)
+    seeds = [cfg.seed] * len(prompts)
+    base, metrics = load_pipeline(), MiniMetrics()
+    net = ControlNetModel.from_pretrained(cfg.controlnet, use_safetensors=True).to(base.device, base.dtype)
+    pipe = StableDiffusionControlNetPipeline.from_pipe(base, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+
+    def row(label, steps, pipe_, recipe, controlled=True):
+        for case, wanted in (("matched", maps), ("crossed", crossed)):
+            images = draw(pipe_, prompts, recipe, seeds, _pil(wanted) if controlled else None, cfg.scale, cfg.batch)
+            rows.append({"method": label, "steps": steps, "case": case, **score(images, wanted, prompts, metrics)})
+            print(f"{label:34s} {steps:3d} {case:8s} F1 {rows[-1]['f1']:.3f}  top-1 {rows[-1]['top1']:.1f}%")
+
+    teacher = resolve_recipe("teacher", steps=cfg.reference_steps)
+    row("teacher, no ControlNet", cfg.reference_steps, base, teacher, controlled=False)
+    row("teacher + ControlNet", cfg.reference_steps, pipe, teacher)
+    load_loras(pipe, [(cfg.lora, resolve_recipe(cfg.recipe, steps=1).lora_scale)])
+    for n, recipe in recipes.items():
+        row(f"{cfg.recipe} LoRA + ControlNet", n, pipe, recipe)
+    out = Path(cfg.out_dir)
+    write_file(out / "results.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"))
+    write_file(out / "table.md", lambda tmp: tmp.write_text(control_table(rows)))
+    return rows
+
+
+def control_table(rows: list[dict]) -> str:
+    """Rows by method and steps; control F1 and top-1 for the matched and the crossed scribbles."""
+    head = ("| method | steps | F1, matched ↑ | top-1 %, matched ↑ | F1, crossed ↑ | top-1 % (prompt), crossed |\n"
+            "|---|---:|---:|---:|---:|---:|\n")
+    cell = lambda r, k, d: f"{r[k]:.{d}f} [{r[k + '_ci'][0]:.{d}f}, {r[k + '_ci'][1]:.{d}f}]"  # noqa: E731
+    lines = []
+    for (method, steps) in dict.fromkeys((r["method"], r["steps"]) for r in rows):
+        m, c = ({r["case"]: r for r in rows if (r["method"], r["steps"]) == (method, steps)}[k]
+                for k in ("matched", "crossed"))
+        lines.append(f"| {method} | {steps} | {cell(m, 'f1', 3)} | {cell(m, 'top1', 1)} | "
+                     f"{cell(c, 'f1', 3)} | {cell(c, 'top1', 1)} |")
+    return head + "\n".join(lines) + "\n"

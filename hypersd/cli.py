@@ -36,9 +36,10 @@ def _demo(args) -> None:
 
 
 def _data(args) -> None:
-    from hypersd.data.emoji32 import build_emoji32
-    data = build_emoji32(args.tarball, args.out)
-    print(f"emoji32: {len(data)} images, sha256 {data.digest()} -> {args.out}")
+    from hypersd.data.emoji32 import STYLES, build_emoji32
+    out = args.out or STYLES[args.style].out_dir
+    data = build_emoji32(args.tarball, out, style=args.style)
+    print(f"emoji32 ({args.style}): {len(data)} images, sha256 {data.digest()} -> {out}")
 
 
 def _train_teacher(args) -> None:
@@ -199,7 +200,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypersd.data.emoji32 import DEFAULT_DIR
+    from hypersd.data.emoji32 import STYLES
     from hypersd.models.mini import MINI_DIR
 
     parser = _Parser(prog="hypersd", description=__doc__)
@@ -299,9 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
 
-    b = sub.add_parser("data", help="build the emoji32 dataset from the npm package")
-    b.add_argument("--tarball", help="emoji-datasource-google-16.0.0.tgz (default: npm pack)")
-    b.add_argument("--out", default=str(DEFAULT_DIR))
+    b = sub.add_parser("data", help="build the emoji32 dataset (one style) from its npm package")
+    b.add_argument("--style", choices=list(STYLES), default="noto",
+                   help=", ".join(f"{name}: {spec.source}" for name, spec in STYLES.items()))
+    b.add_argument("--tarball", help="the style's package .tgz, e.g. emoji-datasource-google-16.0.0.tgz "
+                   "(default: npm pack)")
+    b.add_argument("--out", help="default: the style's folder in hypersd/assets")
     b.set_defaults(func=_data)
 
     t = sub.add_parser("train-teacher", help="train the mini teacher (phase vae, then unet) and its "

@@ -1,11 +1,16 @@
-"""The emoji32 dataset: Noto emoji at 32x32 with captions from their names.
+"""The emoji32 dataset: emoji at 32x32 with captions from their names, in one of two styles.
 
-Source: the npm package ``emoji-datasource-google`` (pinned to 16.0.0), whose 64x64 PNGs are
-Noto Emoji (Apache-2.0, see ``hypersd/assets/emoji32/NOTICE``). The build composites each
-image on white, downsamples it to 32x32 with a Lanczos filter and stores everything as one
-lossless PNG atlas plus a JSON index. Splits are deterministic: every image trains the
-teacher; base emoji (with all their skin-tone variants) are split about 90/10 by a hash of
-their name into a distillation split and an evaluation split, so that no caption is in both.
+Source: the iamcal emoji-data npm packages, pinned to 16.0.0, which share one ``emoji.json``
+and ship each image set's 64x64 PNGs: ``emoji-datasource-google`` for the ``noto`` style
+(Noto Emoji, Apache-2.0: emoji32 proper, ``hypersd/assets/emoji32``) and
+``emoji-datasource-twitter`` for the ``twemoji`` style (Twemoji, CC-BY 4.0, a second style to
+fine-tune a second base model on: ``hypersd/assets/emoji32-twemoji``); each folder's NOTICE
+says what its images are. The build composites each image on white, downsamples it to 32x32
+with a Lanczos filter and stores everything as one lossless PNG atlas plus a JSON index.
+Splits are deterministic: every image trains the teacher; base emoji (with all their
+skin-tone variants) are split about 90/10 by a hash of their name into a distillation split
+and an evaluation split, so that no caption is in both, and a caption's split is the same in
+every style.
 """
 
 from __future__ import annotations
@@ -22,12 +27,31 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PACKAGE = "emoji-datasource-google"
-VERSION = "16.0.0"
 SIZE = 32
 ATLAS_COLUMNS = 64
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "emoji32"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_DIR = ASSETS / "emoji32"
 EVAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Style:
+    """Where one style's images come from, and where its built dataset lives."""
+
+    package: str  # the npm package
+    version: str
+    image_set: str  # its images are package/img/<image_set>/64, flagged has_img_<image_set>
+    out_dir: Path
+
+    @property
+    def source(self) -> str:
+        return f"{self.package}@{self.version}"
+
+
+STYLES = {
+    "noto": Style("emoji-datasource-google", "16.0.0", "google", DEFAULT_DIR),
+    "twemoji": Style("emoji-datasource-twitter", "16.0.0", "twitter", ASSETS / "emoji32-twemoji"),
+}
 
 SKIN_TONES = {  # Fitzpatrick modifiers, named as Unicode's CLDR names them
     "1F3FB": "light skin tone",
@@ -47,6 +71,7 @@ class Emoji32:
     base: list[str]  # code point of the base emoji, shared by its skin-tone variants
     split: list[str]  # "distill" or "eval"
     masks: np.ndarray | None = None  # uint8 (N, 32, 32): each source image's alpha, downsampled
+    source: str = STYLES["noto"].source  # the npm package the images came from
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -89,11 +114,18 @@ def _to32(png_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
     return small(rgb), small(rgba.getchannel("A"))
 
 
-def fetch_package(dest: Path) -> Path:
-    """Run ``npm pack`` for the pinned package into ``dest``; return the tarball's path."""
+def _style(name: str) -> Style:
+    if name not in STYLES:
+        from hypersd.errors import UserError
+        raise UserError(f"unknown emoji32 style {name!r}: use one of {', '.join(STYLES)}")
+    return STYLES[name]
+
+
+def fetch_package(dest: Path, style: str = "noto") -> Path:
+    """Run ``npm pack`` for the style's pinned package into ``dest``; return the tarball's path."""
     try:
         out = subprocess.run(
-            ["npm", "pack", f"{PACKAGE}@{VERSION}", "--silent"],
+            ["npm", "pack", _style(style).source, "--silent"],
             cwd=dest, check=True, capture_output=True, text=True,
         ).stdout.strip().splitlines()[-1]
     except FileNotFoundError as e:
@@ -101,14 +133,18 @@ def fetch_package(dest: Path) -> Path:
     return dest / out
 
 
-def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path = DEFAULT_DIR) -> Emoji32:
-    """Build emoji32 from the npm tarball (fetched with npm when not given) into ``out_dir``."""
+def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path | None = None,
+                  style: str = "noto") -> Emoji32:
+    """Build one style of emoji32 from its npm tarball (fetched with npm when not given) into
+    ``out_dir`` (default: the style's folder)."""
+    from hypersd.errors import UserError
+    spec = _style(style)
     if tarball and not Path(tarball).is_file():
-        from hypersd.errors import UserError
-        raise UserError(f"tarball {tarball} does not exist: pass the npm package's .tgz, or leave "
+        raise UserError(f"tarball {tarball} does not exist: pass {spec.source}'s .tgz, or leave "
                         "--tarball out to fetch it with npm")
     with tempfile.TemporaryDirectory() as tmp:
-        tarball = Path(tarball) if tarball else fetch_package(Path(tmp))
+        tarball = Path(tarball) if tarball else fetch_package(Path(tmp), style)
+        flag, folder = f"has_img_{spec.image_set}", f"package/img/{spec.image_set}/64"
         with tarfile.open(tarball) as tar:
             members = {m.name: m for m in tar.getmembers()}
             read = lambda name: tar.extractfile(members[name]).read()  # noqa: E731
@@ -116,12 +152,12 @@ def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path = DEFAU
             records.sort(key=lambda r: (r["sort_order"], r["unified"]))
             images, masks, captions, bases, splits = [], [], [], [], []
             for rec in records:
-                if not rec.get("has_img_google"):
+                if not rec.get(flag):
                     continue
                 variants = [(None, rec)] + sorted((rec.get("skin_variations") or {}).items())
                 for tone, var in variants:
-                    path = f"package/img/google/64/{var['image']}"
-                    if path not in members or not var.get("has_img_google", True):
+                    path = f"{folder}/{var['image']}"
+                    if path not in members or not var.get(flag, True):
                         continue
                     image, mask = _to32(read(path))
                     images.append(image)
@@ -129,8 +165,11 @@ def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path = DEFAU
                     captions.append(_caption(rec["name"], tone))
                     bases.append(rec["unified"])
                     splits.append(_split_of(_caption(rec["name"], None)))
-    data = Emoji32(np.stack(images), captions, bases, splits, np.stack(masks))
-    save_emoji32(data, out_dir)
+    if not images:
+        raise UserError(f"{tarball} has no images in {folder}: is it {spec.source}, "
+                        f"the package of style {style!r}?")
+    data = Emoji32(np.stack(images), captions, bases, splits, np.stack(masks), spec.source)
+    save_emoji32(data, spec.out_dir if out_dir is None else out_dir)
     return data
 
 
@@ -157,7 +196,7 @@ def save_emoji32(data: Emoji32, out_dir: str | Path) -> None:
     if data.masks is not None:
         _atlas(data.masks, 0).save(out_dir / "masks.png", optimize=True)
     index = {
-        "source": f"{PACKAGE}@{VERSION}", "size": SIZE, "columns": ATLAS_COLUMNS, "count": n,
+        "source": data.source, "size": SIZE, "columns": ATLAS_COLUMNS, "count": n,
         "records": [{"caption": c, "base": b, "split": s}
                     for c, b, s in zip(data.captions, data.base, data.split)],
     }
@@ -165,10 +204,13 @@ def save_emoji32(data: Emoji32, out_dir: str | Path) -> None:
 
 
 def load_emoji32(path: str | Path = DEFAULT_DIR) -> Emoji32:
-    """Load the processed dataset (the committed copy by default)."""
+    """Load a processed dataset of any style (the committed noto copy by default); the
+    committed twemoji copy is ``load_emoji32(STYLES["twemoji"].out_dir)``."""
     path = Path(path)
     if not (path / "index.json").exists():
-        raise FileNotFoundError(f"no emoji32 dataset at {path}: run `hypersd data`")
+        command = next((f"hypersd data --style {name}" for name, spec in STYLES.items()
+                        if spec.out_dir == path.resolve()), "hypersd data --style STYLE --out PATH")
+        raise FileNotFoundError(f"no emoji32 dataset at {path}: build it with `{command}`")
     index = json.loads((path / "index.json").read_text())
     if (index["size"], index["columns"]) != (SIZE, ATLAS_COLUMNS):
         raise ValueError(f"{path}: an atlas of {index['size']} px tiles in {index['columns']} columns "
@@ -178,4 +220,4 @@ def load_emoji32(path: str | Path = DEFAULT_DIR) -> Emoji32:
     masks = (_tiles(np.asarray(Image.open(path / "masks.png").convert("L")), n)
              if (path / "masks.png").exists() else None)
     return Emoji32(images, [r["caption"] for r in recs], [r["base"] for r in recs],
-                   [r["split"] for r in recs], masks)
+                   [r["split"] for r in recs], masks, index["source"])

@@ -46,12 +46,18 @@ def _train_teacher(args) -> None:
     from hypersd.teacher import TeacherConfig, export_pipeline, train_teacher
     fields = {f.name for f in dataclasses.fields(TeacherConfig)}
     cfg = TeacherConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if args.export and cfg.init_from and not args.export_to:
+        raise UserError("--export writes the bundled teacher: a fine-tune (--init-from) needs "
+                        "--export-to FOLDER")
     run_dir = train_teacher(cfg)
-    if args.export and cfg.phase == "unet":
-        print(f"exported {export_pipeline(run_dir)}")
-    if args.export and cfg.phase == "controlnet":
+    if not (args.export or args.export_to):
+        return
+    folder = {"out_dir": args.export_to} if args.export_to else {}
+    if cfg.phase == "unet":
+        print(f"exported {export_pipeline(run_dir, **folder)}")
+    if cfg.phase == "controlnet":
         from hypersd.teacher.controlnet import export_controlnet
-        print(f"exported {export_controlnet(run_dir)}")
+        print(f"exported {export_controlnet(run_dir, **folder)}")
 
 
 def _export_teacher(args) -> None:
@@ -314,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t, TeacherConfig)
     t.add_argument("--export", action="store_true",
                    help=f"after the unet phase, write {MINI_DIR}; after controlnet, its mini-controlnet beside it")
+    t.add_argument("--export-to", metavar="FOLDER",
+                   help="after the unet or controlnet phase, write it to FOLDER instead (a fine-tune's "
+                   "pipeline keeps its --init-from's VAE)")
     t.set_defaults(func=_train_teacher)
 
     c = sub.add_parser("train-classifier", help="train the emoji network behind the mini-world metrics")
@@ -330,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind)
     r.set_defaults(func=_train_reward)
 
-    e = sub.add_parser("export-teacher", help="write a run's VAE + EMA UNet as the pipeline folder")
+    e = sub.add_parser("export-teacher", help="write a run's VAE + EMA UNet as the pipeline folder "
+                       "(a fine-tune's VAE is its --init-from's)")
     e.add_argument("--run-dir", default="runs/teacher")
     e.add_argument("--out", default=str(MINI_DIR))
     e.add_argument("--handoff", help="also write this handoff file from the latest checkpoint")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hypersd.data.emoji32 import STYLES
 from hypersd.errors import UserError
 
 
@@ -12,6 +13,10 @@ class TeacherConfig:
     phase: str = "unet"              # "vae", "unet" (needs a trained VAE in run_dir/vae) or
                                      # "controlnet" (the scribble ControlNet of the bundled model)
     run_dir: str = "runs/teacher"    # checkpoints, TensorBoard logs, trained parts
+    data: str = "noto"               # the emoji32 style to train on (hypersd.data.emoji32.STYLES)
+    init_from: str = ""              # unet phase: a diffusers pipeline folder, or "mini" (the bundled
+                                     # teacher), whose UNet starts the run (a fine-tune) and whose VAE
+                                     # it uses; "" = random init and run_dir's own trained VAE
     steps: int = 60_000              # total optimizer steps of this phase
     max_minutes: float = 0.0         # stop (after a checkpoint) when this wall time is spent; 0 = no limit
     batch_size: int = 64
@@ -26,7 +31,8 @@ class TeacherConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     seed: int = 0
-    handoff: str = "train-state/teacher-unet.safetensors"  # UNet weights + EMA kept in git between sessions
+    handoff: str = "train-state/teacher-unet.safetensors"  # UNet weights + EMA kept in git between
+                                     # sessions: the bundled teacher's own (noto, no init_from) only
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     max_images: int = 0              # train on the first N images only (smoke tests); 0 = all
 
@@ -35,3 +41,14 @@ class TeacherConfig:
             raise UserError(f"phase must be 'vae', 'unet' or 'controlnet', not {self.phase!r}")
         if self.steps <= 0 or self.batch_size <= 0:
             raise UserError("steps and batch_size must be positive")
+        if self.data not in STYLES:
+            raise UserError(f"data must be an emoji32 style, one of {', '.join(STYLES)}; not {self.data!r}")
+        if self.init_from and self.phase != "unet":
+            raise UserError(f"init_from starts the unet phase from a pipeline's UNet; the {self.phase} "
+                            "phase does not take it")
+
+    @property
+    def uses_handoff(self) -> bool:
+        """Whether the handoff is read and written: it keeps the bundled teacher's own training,
+        so a fine-tune or a run on another style never touches it."""
+        return bool(self.handoff) and not self.init_from and self.data == "noto"

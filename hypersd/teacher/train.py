@@ -4,12 +4,16 @@ TensorBoard.
 Phase "vae" trains the autoencoder (L1 + MSE reconstruction + a small KL term) and sets its
 ``scaling_factor`` to 1 / std of the latents, as SD does. Phase "unet" trains the
 epsilon-predicting UNet on cached latents and cached MiniLM token embeddings, with caption
-dropout for classifier-free guidance and min-SNR weighting.
+dropout for classifier-free guidance and min-SNR weighting. Both train on one emoji32 style
+(``TeacherConfig.data``). With ``init_from`` the UNet phase is a fine-tune, as community
+fine-tunes of SD1.5 are made: the UNet and its EMA start from a pipeline's UNet, the latents
+come from that pipeline's VAE, and the export keeps that VAE.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -26,7 +30,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hypersd import checkpoint
-from hypersd.data import load_emoji32
+from hypersd.data import Emoji32, load_emoji32
+from hypersd.data.emoji32 import STYLES
 from hypersd.errors import UserError
 from hypersd.imaging import to_signed_unit
 from hypersd.io import atomic_path
@@ -57,9 +62,44 @@ def _load_checkpoint(ck: checkpoint.Checkpoint, model, opt, lr_sched, ema) -> in
     return ck.step
 
 
-def _images(device, limit: int = 0) -> torch.Tensor:
-    images = load_emoji32().images[:limit or None]
-    return to_signed_unit(images).to(device)
+def _dataset(cfg: TeacherConfig) -> Emoji32:
+    return load_emoji32(STYLES[cfg.data].out_dir)
+
+
+def _images(data: Emoji32, device, limit: int = 0) -> torch.Tensor:
+    return to_signed_unit(data.images[:limit or None]).to(device)
+
+
+INIT_RECORD = "unet-init.json"  # in run_dir: the pipeline a fine-tune started from
+
+
+def init_folder(init_from: str) -> Path:
+    """The pipeline folder ``init_from`` names: "mini" is the bundled teacher."""
+    folder = MINI_DIR if init_from == "mini" else Path(init_from)
+    missing = [part for part in ("unet", "vae") if not (folder / part / "config.json").exists()]
+    if missing:
+        raise UserError(f"init_from {init_from!r}: {folder} has no {' or '.join(missing)}/config.json; "
+                        "pass 'mini' or a diffusers pipeline folder like hypersd/assets/mini-teacher")
+    return folder
+
+
+def run_init(run_dir: str | Path) -> str:
+    """The ``init_from`` a run was fine-tuned from ("" for a run trained from scratch)."""
+    record = Path(run_dir) / INIT_RECORD
+    return json.loads(record.read_text())["init_from"] if record.exists() else ""
+
+
+def _record_init(cfg: TeacherConfig, run_dir: Path) -> None:
+    """Remember a fine-tune's init in run_dir, and refuse to resume a run from another start
+    (its checkpoints hold weights trained on another VAE's latents)."""
+    recorded = run_init(run_dir)
+    started = any((run_dir / "unet-checkpoints").glob("step-*"))
+    if recorded != cfg.init_from and (recorded or started):
+        was = f"fine-tuned from {recorded!r}" if recorded else "trained from scratch"
+        fix = f"pass init_from={recorded!r} (--init-from {recorded})" if recorded else "leave init_from out"
+        raise UserError(f"{run_dir} was {was}: {fix} to resume it, or use another run_dir")
+    if cfg.init_from and not recorded:
+        (run_dir / INIT_RECORD).write_text(json.dumps({"init_from": cfg.init_from, "data": cfg.data}) + "\n")
 
 
 @torch.no_grad()
@@ -76,7 +116,7 @@ def encode_captions(captions: list[str], batch: int = 256) -> torch.Tensor:
 
 class _VaeTask:
     def __init__(self, cfg: TeacherConfig, device):
-        self.cfg, self.images = cfg, _images(device, cfg.max_images)
+        self.cfg, self.images = cfg, _images(_dataset(cfg), device, cfg.max_images)
         self.model = build_vae()
 
     def loss(self, model, g: torch.Generator):
@@ -96,31 +136,38 @@ class _VaeTask:
                              for i in range(0, len(self.images), 512)])
         model.register_to_config(scaling_factor=float(1.0 / latents.std()))
         model.save_pretrained(run_dir / "vae")
-        if self.cfg.handoff:  # the UNet phase on another machine needs the same VAE
+        if self.cfg.uses_handoff:  # the UNet phase on another machine needs the same VAE
             model.save_pretrained(Path(self.cfg.handoff).with_name("teacher-vae"))
 
 
 class _UnetTask:
-    """The UNet's denoising loss on cached latents and caption embeddings (min-SNR weighted)."""
+    """The UNet's denoising loss on cached latents and caption embeddings (min-SNR weighted).
+
+    The UNet starts at random, or from ``cfg.init_from``'s UNet; the latents come from
+    ``vae_dir``, else the init's VAE, else the run's own trained VAE."""
 
     def __init__(self, cfg: TeacherConfig, run_dir: Path, device, vae_dir: Path | None = None):
         self.cfg = cfg
-        vae_dir = vae_dir or vae_folder(run_dir, cfg.handoff)
+        init = init_folder(cfg.init_from) if cfg.init_from else None
+        if vae_dir is None:
+            vae_dir = init / "vae" if init else vae_folder(run_dir, cfg.handoff if cfg.uses_handoff else None)
         if not (vae_dir / "config.json").exists():
             raise UserError(f"no trained VAE in {vae_dir}: run the 'vae' phase first")
         vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().to(device)
-        self.images = _images(device, cfg.max_images)
+        data = _dataset(cfg)
+        self.images = _images(data, device, cfg.max_images)
         with torch.no_grad():
             dists = [vae.encode(self.images[i:i + 512]).latent_dist for i in range(0, len(self.images), 512)]
         self.mean = torch.cat([d.mean for d in dists]) * vae.config.scaling_factor
         self.std = torch.cat([d.std for d in dists]) * vae.config.scaling_factor
-        data = load_emoji32()
         self.text = encode_captions(data.captions[:len(self.images)]).to(device)
         self.empty = encode_captions([""]).to(device)
         self.scheduler = build_scheduler()
         alphas = self.scheduler.alphas_cumprod.to(device)
         self.snr = alphas / (1 - alphas)
-        self.model = build_unet()
+        self.model = (UNet2DConditionModel.from_pretrained(init / "unet", use_safetensors=True,
+                                                           torch_dtype=torch.float32)
+                      if init else build_unet())
 
     def loss(self, model, g: torch.Generator):
         cfg, n = self.cfg, self.cfg.batch_size
@@ -152,8 +199,12 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
+    if cfg.init_from:
+        init_folder(cfg.init_from)  # a bad folder fails before run_dir is made
     ckpt_dir = run_dir / f"{cfg.phase}-checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.phase == "unet":
+        _record_init(cfg, run_dir)
     accelerator = Accelerator(log_with="tensorboard", project_dir=str(run_dir))
     set_seed(cfg.seed)
     task = _task(cfg, run_dir, accelerator.device)
@@ -166,7 +217,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     if (last := checkpoint.latest(ckpt_dir, set_aside=accelerator.is_main_process)) is not None:
         start = _load_checkpoint(last, accelerator.unwrap_model(model), opt, lr_sched, ema)
         accelerator.print(f"resuming {cfg.phase} from step {start}")
-    elif cfg.phase == "unet" and Path(cfg.handoff).exists():
+    elif cfg.phase == "unet" and cfg.uses_handoff and Path(cfg.handoff).exists():
         start = _load_handoff(cfg.handoff, accelerator.unwrap_model(model), ema)
         lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps // 4)
         accelerator.print(f"resuming unet from the handoff {cfg.handoff} at step {start} "
@@ -199,7 +250,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             _save_weights(accelerator.unwrap_model(model), ema, run_dir, cfg.phase, task)
             if out_of_time:
                 break
-    if cfg.phase == "unet" and cfg.handoff and accelerator.is_main_process:
+    if cfg.phase == "unet" and cfg.uses_handoff and accelerator.is_main_process:
         _save_handoff(cfg.handoff, accelerator.unwrap_model(model), ema, step + 1)
     accelerator.end_training()
     return run_dir
@@ -224,6 +275,9 @@ def _save_handoff(path: str, model, ema, step: int) -> None:
 
 def handoff_from_checkpoint(run_dir: str | Path, path: str) -> int:
     """Write the handoff file from the latest UNet checkpoint (e.g. after stopping a run)."""
+    if init_from := run_init(run_dir):
+        raise UserError(f"{run_dir} is a fine-tune of {init_from!r}: the handoff keeps the bundled "
+                        "teacher's own training, not a fine-tune's")
     last = checkpoint.latest(Path(run_dir) / "unet-checkpoints")
     if last is None:
         raise UserError(f"no UNet checkpoint under {run_dir}")
@@ -267,10 +321,19 @@ def vae_folder(run_dir: str | Path, handoff: str | None) -> Path:
 
 def export_pipeline(run_dir: str | Path, out_dir: str | Path = MINI_DIR,
                     handoff: str | None = "train-state/teacher-unet.safetensors") -> Path:
-    """Write run_dir's VAE and EMA UNet as a diffusers StableDiffusionPipeline folder in fp16
-    (the VAE from beside ``handoff`` when run_dir has none)."""
+    """Write run_dir's EMA UNet and the VAE it was trained on as a diffusers
+    StableDiffusionPipeline folder in fp16: a fine-tune's is its init's VAE; a run from
+    scratch's is its own, else the one beside ``handoff``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    vae = AutoencoderKL.from_pretrained(vae_folder(run_dir, handoff), use_safetensors=True)
+    if init_from := run_init(run_dir):
+        init = init_folder(init_from)
+        if out_dir.resolve() == init.resolve():
+            raise UserError(f"{run_dir} was fine-tuned from {init}: exporting there would overwrite it; "
+                            "pass another folder")
+        vae_dir = init / "vae"
+    else:
+        vae_dir = vae_folder(run_dir, handoff)
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
     unet = UNet2DConditionModel.from_pretrained(run_dir / "unet", use_safetensors=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
                                    scheduler=build_scheduler(), safety_checker=None,

@@ -27,9 +27,8 @@ from hypersd.data import load_emoji32
 from hypersd.errors import UserError
 from hypersd.files import write_file
 from hypersd.generate import load_loras, load_pipeline, resolve_recipe, run_pipeline
+from hypersd.demo import BUNDLED_LORA
 from hypersd.teacher.controlnet import CONTROLNET_DIR
-
-BUNDLED_LORA = CONTROLNET_DIR.parent / "loras" / "hyper-sd-mini-unified.safetensors"
 
 
 @dataclass

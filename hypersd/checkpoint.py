@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hypersd.errors import UserError, warn
-from hypersd.io import fsync_tree
+from hypersd.io import fsync_tree, remove
 
 FORMAT = "hypersd-checkpoint/1"
 STATE = "state.safetensors"
@@ -202,7 +201,7 @@ def save(folder: str | Path, step: int, state: Any, *, settings: dict | None = N
     final, tmp = folder / f"step-{step:08d}", folder / f".tmp-step-{step:08d}"
     try:
         if rank == 0:
-            _remove(tmp)
+            remove(tmp)
             tmp.mkdir(parents=True)
         barrier()
         if shard is not None:
@@ -214,7 +213,7 @@ def save(folder: str | Path, step: int, state: Any, *, settings: dict | None = N
             _seal(tmp, final, step, settings or {})
             _prune(folder, keep)
     except (OSError, SafetensorError) as e:
-        _remove(tmp)
+        remove(tmp)
         kept = next((p.name for p in _step_dirs(folder)), None)
         raise CheckpointError(f"could not write the checkpoint of step {step} in {folder} ({e}); "
                               + (f"{kept} is intact" if kept else "no earlier checkpoint exists")
@@ -230,7 +229,7 @@ def _seal(tmp: Path, final: Path, step: int, settings: dict) -> None:
     body = {"format": FORMAT, "step": step, "settings": settings, "files": files}
     (tmp / MANIFEST).write_text(json.dumps({"body": body, "sha256": _body_hash(body)}, indent=1))
     fsync_tree(tmp)
-    _remove(final)  # a broken checkpoint of the same step, set aside or left by a crash
+    remove(final)  # a broken checkpoint of the same step, set aside or left by a crash
     os.replace(tmp, final)
     fsync_tree(final.parent, recursive=False)
 
@@ -241,11 +240,5 @@ def _prune(folder: Path, keep: int) -> None:
     for old in _step_dirs(folder)[keep:]:
         os.replace(old, old.with_name(f".tmp-{old.name}"))
     for stale in folder.glob(".tmp-step-*"):
-        _remove(stale)
+        remove(stale)
 
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()

@@ -133,7 +133,7 @@ def score_rewards(rewards: dict, images, prompts, split: str, rounds: int = 200)
     row = {}
     x = to_signed_unit(np.stack([np.asarray(img) for img in images]))
     for name, reward in rewards.items():
-        refs = _reference_images(prompts, split) if reward.needs_references else None
+        refs = reference_images(prompts, split) if reward.needs_references else None
         with torch.no_grad():
             values = torch.cat([reward.score(x[i:i + 256], prompts[i:i + 256],
                                              references=None if refs is None else refs[i:i + 256])
@@ -143,7 +143,7 @@ def score_rewards(rewards: dict, images, prompts, split: str, rounds: int = 200)
     return row
 
 
-def _reference_images(prompts: list[str], split: str):
+def reference_images(prompts: list[str], split: str):
     """The split's image of each prompt (the first, where a caption has several), in [-1, 1]."""
     from hypersd.imaging import to_signed_unit
     data = load_emoji32()

@@ -21,12 +21,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    _remove(tmp)
+    remove(tmp)
     try:
         yield tmp
         fsync_tree(tmp)  # a disk that cannot hold it fails here, before ``path`` is touched
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
     if path.is_dir() and tmp.is_dir():
         shutil.rmtree(path)
@@ -47,7 +47,8 @@ def fsync_tree(path: Path, recursive: bool = True) -> None:
         os.close(fd)
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete a file or a whole folder, if there."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():

@@ -16,6 +16,7 @@ from hypersd.checkpoint import CheckpointError, latest, save
 from hypersd.distill.loop import distill
 from hypersd.distill.recipe import StageConfig
 from hypersd.errors import UserError
+from hypersd.io import remove
 from hypersd.testing import tiny_sd15
 from test_distill import _examples, _run
 
@@ -228,7 +229,7 @@ def test_a_killed_two_stage_run_resumes_bit_for_bit(tmp_path, killed):
     run(tmp_path / "b", 4 if killed == "between the stages" else 2)
     leftovers = ["1-dmd-k1.safetensors"] + (["1-dmd-k1.ckpt"] if killed == "between the stages" else [])
     for name in leftovers:
-        checkpoint._remove(tmp_path / "b" / "run" / name)
+        remove(tmp_path / "b" / "run" / name)
     _, again = run(tmp_path / "b", 4)
     with safe_open(str(whole), "pt") as a, safe_open(str(again), "pt") as b:
         for key in a.keys():

@@ -55,12 +55,9 @@ class ControlEvalConfig:
 
 def eval_split_scribbles() -> tuple[list[str], torch.Tensor]:
     """Each eval prompt (once) and the scribble of its first image, (N, 1, 32, 32)."""
-    data = load_emoji32()
-    first: dict[str, int] = {}
-    for i in data.indices("eval"):
-        first.setdefault(data.captions[i], i)
-    images = torch.from_numpy(data.images[list(first.values())]).permute(0, 3, 1, 2).float() / 255
-    return list(first), scribble(images)
+    from hypersd.evaluate import reference_images
+    prompts = list(dict.fromkeys(load_emoji32().prompts("eval")))
+    return prompts, scribble((reference_images(prompts, "eval") + 1) / 2)
 
 
 def _pil(maps: torch.Tensor) -> list[Image.Image]:
@@ -68,22 +65,21 @@ def _pil(maps: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def draw(pipe, prompts, recipe, seeds, controls, scale, batch) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1]; ``controls`` None draws without ControlNet."""
+def draw(pipe, prompts, recipe, seeds, controls, scale, batch) -> list[Image.Image]:
+    """One image per prompt and seed; ``controls`` None draws without ControlNet."""
     out = []
     for s in range(0, len(prompts), batch):
         extra = None if controls is None else {"image": controls[s:s + batch],
                                                "controlnet_conditioning_scale": scale}
-        images = run_pipeline(pipe, prompts[s:s + batch], recipe, seeds[s:s + batch], extra=extra)
-        out.append(torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 255)
-    return torch.cat(out)
+        out += run_pipeline(pipe, prompts[s:s + batch], recipe, seeds[s:s + batch], extra=extra)
+    return out
 
 
-def score(images: torch.Tensor, wanted: torch.Tensor, prompts: list[str], metrics) -> dict:
+def score(images: list[Image.Image], wanted: torch.Tensor, prompts: list[str], metrics) -> dict:
+    from hypersd.metrics.mini import to_tensor
     from hypersd.metrics.stats import bootstrap_ci
-    f1 = edge_f1(wanted, scribble(images)).double().numpy()
-    pil = [Image.fromarray(a) for a in (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
-    hit = (metrics.score(pil, prompts).rank == 0).astype(np.float64) * 100
+    f1 = edge_f1(wanted, scribble((to_tensor(images) + 1) / 2)).double().numpy()
+    hit = (metrics.score(images, prompts).rank == 0).astype(np.float64) * 100
     return {"f1": float(f1.mean()), "f1_ci": bootstrap_ci(lambda i: f1[i].mean(), len(f1)),
             "top1": float(hit.mean()), "top1_ci": bootstrap_ci(lambda i: hit[i].mean(), len(hit))}
 

@@ -115,7 +115,7 @@ def _eval(args) -> None:
                      step_loras=_per_step(args.step_lora, "--step-lora"),
                      step_unets=_per_step(args.step_unet, "--step-unet"),
                      steps=parse_steps(args.steps), label=args.label,
-                     split=args.split, samples=args.samples, seed=args.seed, out_dir=args.out,
+                     split=args.split, data=args.data, samples=args.samples, seed=args.seed, out_dir=args.out,
                      clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward,
                      inception=args.inception, rewards=args.reward or [])
     rows = run_eval(cfg)
@@ -138,9 +138,15 @@ def _bench(args) -> None:
         print(f"wrote {args.out}/train_cost.md")
         return
     from hypersd.bench.speed import SpeedConfig, bench_speed
-    cfg = SpeedConfig(model=args.model, repeats=args.repeats, out_dir=args.out, threads=args.threads)
+    cfg = SpeedConfig(model=args.model, repeats=args.repeats, out_dir=args.out, threads=args.threads,
+                      lora=args.lora, speedup=args.speedup)
     bench_speed(cfg)
     print(f"wrote {cfg.out_dir}/speed.md and speed.json")
+
+
+def _serve(args) -> None:
+    from hypersd.serve import ServeConfig, serve
+    serve(_config_from_flags(ServeConfig, args))
 
 
 def _distill(args) -> None:
@@ -208,6 +214,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from hypersd.data.emoji32 import STYLES
     from hypersd.models.mini import MINI_DIR
+    from hypersd.generate.speedup import SPEEDUPS
+    from hypersd.serve.config import ServeConfig
 
     parser = _Parser(prog="hypersd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
     v.add_argument("--label", help="row name in the table (default: recipe + LoRA)")
     v.add_argument("--split", default="eval", help="eval | distill | all")
+    v.add_argument("--data", default="noto", metavar="STYLE",
+                   help="the emoji32 style FD compares against: noto | twemoji (a model fine-tuned on it)")
     v.add_argument("--samples", type=int, default=840, help="images per step count")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default="outputs/eval")
@@ -296,7 +306,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train-cost: a recipe and stage index to time (repeatable; default: one stage "
                          "of each method)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="train-cost: override a recipe field")
+    sp.add_argument("--lora", metavar="PATH", help="speed: the student's LoRA (default: the bundled one on the "
+                    "mini model; 'none' for none)")
+    sp.add_argument("--speedup", choices=list(SPEEDUPS), default="trace",
+                    help="speed: how the fast path runs the UNet and VAE (default: trace)")
     sp.set_defaults(func=_bench)
+
+    sv = sub.add_parser("serve", help="the live web demo: one-step text to image and real-time scribble")
+    sv.add_argument("--model", help="'mini' (default), a diffusers folder, a hub id or a .safetensors file")
+    sv.add_argument("--lora", metavar="PATH[:SCALE]", help="the accelerator fused in (default: the bundled "
+                    "one on the mini model; 'none' for none)")
+    sv.add_argument("--recipe", help="default: the one the LoRA was made for")
+    sv.add_argument("--controlnet", metavar="FOLDER", help="the scribble tab's ControlNet (default: the "
+                    "bundled mini-controlnet)")
+    sv.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_at_least(0), help="default 7860; 0: any free port")
+    sv.add_argument("--speedup", choices=list(SPEEDUPS),
+                    help="how the UNet, VAE and ControlNet run (default: trace)")
+    sv.add_argument("--threads", type=_at_least(0), help="torch CPU threads (0: torch's default)")
+    for flag, what in (("max-steps", "steps"), ("max-batch", "images"), ("max-size", "image side in pixels "
+                       "(0: twice the model's)"), ("max-prompt", "prompt characters"), ("queue-size",
+                       "requests waiting at once")):
+        dest = flag.replace("-", "_")
+        sv.add_argument(f"--{flag}", dest=dest, type=_at_least(0),
+                        help=f"cap: {what}; default {getattr(ServeConfig, dest)}")
+    sv.set_defaults(func=_serve)
 
     r = sub.add_parser("recipes", help="list the inference recipes")
     r.set_defaults(func=_recipes)

@@ -2,7 +2,8 @@
 
 For each step count, N images are generated (the split's prompts in turn, seeds counting up
 from ``seed``), saved as PNGs (an interrupted run reuses them) and scored with the emoji
-network: FD to the dataset, FD to the teacher's own 25-step samples of the same prompts and
+network: FD to the dataset (of the style named by ``data``, with that style's network: a
+model fine-tuned on Twemoji is compared with Twemoji by a network that knows Twemoji), FD to the teacher's own 25-step samples of the same prompts and
 seeds, top-1/top-5 prompt adherence and diversity, each with a 95% bootstrap interval. Rows
 accumulate in ``results.json`` so one table compares every method evaluated into the folder.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hypersd.data import load_emoji32
+from hypersd.data import load_style
 from hypersd.errors import UserError
 from hypersd.files import check_writable, write_file, writing
 from hypersd.generate import load_loras, load_pipeline, resolve_recipe, run_pipeline
@@ -43,12 +44,13 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     label: str | None = None                 # row name; default: the recipe (plus LoRA file)
     split: str = "eval"
+    data: str = "noto"                       # the emoji32 style FD compares against
     samples: int = 840                       # images per step count (eval split: 2 per prompt)
     seed: int = 0
     batch: int = 105
     out_dir: str = "outputs/eval"
     grid_prompts: int = 8
-    classifier: str | None = None            # emoji network folder; None = the bundled one
+    classifier: str | None = None            # emoji network folder; None = the bundled one of ``data``
     clip: str | None = None                  # CLIP folder or hub id: CLIP score
     aesthetic: str | None = None             # LAION aesthetic head (.pth) on aesthetic_clip
     aesthetic_clip: str = "openai/clip-vit-large-patch14"
@@ -71,6 +73,7 @@ class EvalConfig:
                 raise UserError(f"{flag} {value}: give at least 1")
         for spec in self.loras + list(self.step_loras.values()):
             parse_lora(spec)  # a scale that is not a finite number fails here, before any work
+        load_style(self.data)  # an unknown style fails here
 
 
 def parse_steps(text: str) -> list[int]:
@@ -123,7 +126,8 @@ def load_rewards(names: list[str]) -> dict:
         raise UserError(str(e)) from e
 
 
-def score_rewards(rewards: dict, images, prompts, split: str, rounds: int = 200) -> dict:
+def score_rewards(rewards: dict, images, prompts, split: str, rounds: int = 200,
+                  data: str = "noto") -> dict:
     """Each reward's mean score with a percentile interval; rewards that compare with a
     reference image get the split's image of the prompt."""
     import torch
@@ -133,7 +137,7 @@ def score_rewards(rewards: dict, images, prompts, split: str, rounds: int = 200)
     row = {}
     x = to_signed_unit(np.stack([np.asarray(img) for img in images]))
     for name, reward in rewards.items():
-        refs = reference_images(prompts, split) if reward.needs_references else None
+        refs = reference_images(prompts, split, data) if reward.needs_references else None
         with torch.no_grad():
             values = torch.cat([reward.score(x[i:i + 256], prompts[i:i + 256],
                                              references=None if refs is None else refs[i:i + 256])
@@ -143,10 +147,11 @@ def score_rewards(rewards: dict, images, prompts, split: str, rounds: int = 200)
     return row
 
 
-def reference_images(prompts: list[str], split: str):
-    """The split's image of each prompt (the first, where a caption has several), in [-1, 1]."""
+def reference_images(prompts: list[str], split: str, style: str = "noto"):
+    """The split's image of each prompt (the first, where a caption has several) in one
+    emoji32 style, in [-1, 1]."""
     from hypersd.imaging import to_signed_unit
-    data = load_emoji32()
+    data = load_style(style)
     first = {}
     for i in data.indices(split):
         first.setdefault(data.captions[i], i)
@@ -155,7 +160,7 @@ def reference_images(prompts: list[str], split: str):
 
 def _prompts(split: str, n: int) -> list[str]:
     try:
-        prompts = load_emoji32().prompts(split)
+        prompts = load_style().prompts(split)  # every style has the same captions and split
     except ValueError as e:
         raise UserError(str(e)) from e
     return [prompts[i % len(prompts)] for i in range(n)]
@@ -186,6 +191,7 @@ def generate_set(pipe, recipe, prompts, seeds, folder: Path, batch: int, desc: s
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate one model/LoRA/recipe at each step count; return all rows of the folder."""
+    from hypersd.metrics.classifier import classifier_dir
     from hypersd.metrics.mini import MiniMetrics
 
     out = Path(cfg.out_dir)
@@ -202,14 +208,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     check_writable(out)
     prompts = _prompts(cfg.split, cfg.samples)
     seeds = _seeds(cfg.seed, prompts)
+    data = load_style(cfg.data)
     try:
-        metrics = MiniMetrics(*([cfg.classifier] if cfg.classifier else []))
+        metrics = MiniMetrics(cfg.classifier or classifier_dir(cfg.data), data=data)
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
     scorers, rewards = real_metrics(cfg), load_rewards(cfg.rewards)
     data_features = None
     if "fid" in scorers:
-        data = load_emoji32()
         data_features = scorers["fid"].features(
             [Image.fromarray(data.images[i]) for i in data.indices(cfg.split)])
     pipe = load_pipeline(cfg.model)
@@ -242,8 +248,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         row["fd_teacher"] = metrics.fd(scored.features, reference)
         row["fd_teacher_ci"] = _fd_ci(metrics, scored.features, reference)
         row.update(score_real(scorers, images, prompts, data_features))
-        row.update(score_rewards(rewards, images, prompts, cfg.split))
-        row.update(method=label, steps=n, samples=cfg.samples, split=cfg.split)
+        row.update(score_rewards(rewards, images, prompts, cfg.split, data=cfg.data))
+        row.update(method=label, steps=n, samples=cfg.samples, split=cfg.split, data=cfg.data)
         rows[f"{label}@{n}"] = row
         grid_rows.append(images[:cfg.grid_prompts])
     cols = [f"{n} step{'s' * (n > 1)}" for n in cfg.steps]

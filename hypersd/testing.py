@@ -69,3 +69,17 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, folder, channels=(16, 32, 64), seed: int = 0) -> str:
+    """A ControlNet copied from ``unet`` (``channels``: its conditioning encoder, one halving
+    between each), its zero-initialised convolutions (the control image's way in, the residuals'
+    ways out) made random so that the image steers; saved to ``folder``."""
+    from diffusers import ControlNetModel
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    for p in [*net.controlnet_cond_embedding.conv_out.parameters(), *net.controlnet_down_blocks.parameters(),
+              *net.controlnet_mid_block.parameters()]:
+        p.data.normal_(0, 0.05)
+    net.save_pretrained(folder)
+    return str(folder)

@@ -80,6 +80,7 @@ def _stock(family, tiny_dirs, nets, recipe_name, prompts, seeds, images, scales,
     if lora:
         pipe.load_lora_weights(str(lora), adapter_name="x")
         pipe.set_adapters(["x"], adapter_weights=[recipe.lora_scale])
+        pipe.fuse_lora()  # as generate runs it (hypersd.generate.fast)
     spacing = {"timestep_spacing": recipe.timestep_spacing} if recipe.timestep_spacing else {}
     pipe.scheduler = SCHEDULERS[recipe.sampler].from_config(pipe.scheduler.config, **spacing)
     extra = {"eta": recipe.eta} if recipe.eta is not None else {}

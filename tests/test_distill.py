@@ -289,10 +289,12 @@ def test_gradient_accumulation_gives_the_gradient_of_one_batch(tmp_path, adversa
         accumulated = _optimizer_steps(tmp_path, n, stage)
         assert [phase for phase, _ in accumulated] == [phase for phase, _ in one]
         for (_, grads), (_, reference) in zip(accumulated, one):
-            assert torch.cat([r.flatten() for r in reference]).norm() > 0
+            total = torch.cat([r.flatten() for r in reference]).norm()
+            assert total > 0
             for g, r in zip(grads, reference):
-                # the same sums over other batch shapes: equal to float32 rounding (1e-4 seen)
-                assert (g - r).norm() <= 1e-3 * r.norm() + 1e-12
+                # the same sums over other batch shapes: equal to float32 rounding (1e-4 seen);
+                # a tensor whose gradient cancels to 0 is held to rounding of the whole gradient
+                assert (g - r).norm() <= 1e-3 * r.norm() + 1e-6 * total
 
 
 FP16_SCRIPT = """

@@ -6,6 +6,7 @@ import pytest
 from safetensors.torch import save_file
 
 from hypersd.data import load_emoji32
+from hypersd.errors import UserError
 from hypersd.evaluate import EvalConfig, markdown_table, run_eval
 from hypersd.metrics.classifier import EmojiNet
 
@@ -40,6 +41,18 @@ def test_eval_writes_table_plot_grid_and_resumes(tmp_path, random_classifier):
     assert [p.stat().st_mtime_ns for p in images] == stamps, "an interrupted run must reuse images"
     table = markdown_table(json.loads((tmp_path / "results.json").read_text()))
     assert table.count("\n") == 2 + 3 and "| again | 2 |" in table
+
+
+def test_data_names_the_style_fd_compares_against(tmp_path, random_classifier):
+    cfg = EvalConfig(recipe="teacher-trailing", steps=[1], samples=6, batch=6, out_dir=str(tmp_path),
+                     classifier=random_classifier, grid_prompts=2)
+    noto = run_eval(cfg)["teacher-trailing@1"]
+    twemoji = run_eval(EvalConfig(**{**cfg.__dict__, "data": "twemoji"}))["teacher-trailing@1"]
+    assert (noto["data"], twemoji["data"]) == ("noto", "twemoji")
+    assert twemoji["fd"] != pytest.approx(noto["fd"])  # the same images, another reference set
+    assert twemoji["fd_teacher"] == pytest.approx(noto["fd_teacher"])
+    with pytest.raises(UserError, match="unknown emoji32 style 'openmoji'"):
+        EvalConfig(data="openmoji")
 
 
 def test_eval_adds_real_metric_columns_when_their_weights_are_given(tmp_path, random_classifier):

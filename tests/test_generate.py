@@ -87,6 +87,7 @@ def test_lora_formats_agree_with_stock_loading(tiny_dirs, tmp_path, family):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(diffusers_file), adapter_name="x")
     pipe.set_adapters(["x"], adapter_weights=[0.7])
+    pipe.fuse_lora()  # generate fuses a LoRA into the weights (its fast path, hypersd.generate.fast)
     from hypersd.generate.loading import SCHEDULERS
     pipe.scheduler = SCHEDULERS["ddim"].from_config(pipe.scheduler.config, timestep_spacing="trailing")
     stock = pipe("a cat", num_inference_steps=4, guidance_scale=0.0,

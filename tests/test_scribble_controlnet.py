@@ -84,4 +84,50 @@ def test_a_zero_initialised_controlnet_leaves_the_teacher_as_it_was(tmp_path):
         plain, controlled = by[("teacher, no ControlNet", case)], by[("teacher + ControlNet", case)]
         assert plain["f1"] == pytest.approx(controlled["f1"]) and plain["top1"] == controlled["top1"]
     assert by[("teacher, no ControlNet", "matched")]["f1"] > by[("teacher, no ControlNet", "crossed")]["f1"]
+    crossed = by[("teacher, no ControlNet", "crossed")]
+    assert crossed["top1_scribble"] <= crossed["top1"]  # without control, the prompt draws its own emoji
     assert control_table(rows).count("\n") == 2 + 3 and (tmp_path / "out" / "table.md").exists()
+
+
+def _caption_task(dropout, mismatch, n=8):
+    from hypersd.teacher.train import _UnetTask
+    task = object.__new__(_UnetTask)  # only the caption draw: no VAE, no data
+    task.cfg = TeacherConfig(phase="controlnet", caption_dropout=dropout, caption_mismatch=mismatch)
+    task.text = torch.arange(1.0, n + 1).view(n, 1, 1).expand(n, 3, 2).clone()  # embedding i+1 for image i
+    task.empty = torch.zeros(1, 3, 2)
+    return task
+
+
+def test_caption_mismatch_gives_a_share_of_the_batch_another_images_caption():
+    task = _caption_task(0.3, 0.4)
+    idx = torch.randint(0, 8, (4000,), generator=torch.Generator().manual_seed(1))
+    text = task._captions(idx, torch.Generator().manual_seed(0))[:, 0, 0]
+    own, empty = text == idx + 1, text == 0
+    other = ~own & ~empty
+    assert abs(empty.double().mean() - 0.3) < 0.03 and abs(other.double().mean() - 0.4) < 0.03
+    assert ((text[other] >= 1) & (text[other] <= 8)).all()  # another image's caption, never its own
+
+
+def test_without_mismatch_the_caption_draw_is_the_dropout_alone():
+    """A run that does not mismatch draws as before, so older checkpoints resume on the same stream."""
+    task, idx = _caption_task(0.5, 0.0), torch.arange(8).repeat(4)
+    g = torch.Generator().manual_seed(3)
+    text = task._captions(idx, g)
+    drop = torch.rand(32, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert torch.equal(text[:, 0, 0] == 0, drop)
+    assert torch.equal(g.get_state(), _advanced(torch.Generator().manual_seed(3), 32).get_state())
+
+
+def _advanced(g, n):
+    torch.rand(n, generator=g)
+    return g
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(phase="unet", caption_mismatch=0.2), "the unet phase does not take it"),
+    (dict(phase="controlnet", caption_dropout=0.7, caption_mismatch=0.5), "together at most 1"),
+])
+def test_caption_shares_are_checked(fields, message):
+    from hypersd.errors import UserError
+    with pytest.raises(UserError, match=message):
+        TeacherConfig(**fields)

@@ -203,6 +203,11 @@ def save_emoji32(data: Emoji32, out_dir: str | Path) -> None:
     (out_dir / "index.json").write_text(json.dumps(index, indent=0) + "\n")
 
 
+def load_style(name: str = "noto") -> Emoji32:
+    """The committed dataset of one style (``noto`` or ``twemoji``); an unknown name is a UserError."""
+    return load_emoji32(_style(name).out_dir)
+
+
 def load_emoji32(path: str | Path = DEFAULT_DIR) -> Emoji32:
     """Load a processed dataset of any style (the committed noto copy by default); the
     committed twemoji copy is ``load_emoji32(STYLES["twemoji"].out_dir)``."""

@@ -16,7 +16,8 @@ from hypersd.files import write_folder
 from hypersd.generate.autorecipe import choose_recipe
 from hypersd.generate.controlnet import add_controlnets, check_controls
 from hypersd.generate.grid import make_grid
-from hypersd.generate.loading import configure_scheduler, load_pipeline
+from hypersd.generate.fast import FastPipeline
+from hypersd.generate.loading import load_pipeline, recipe_settings
 from hypersd.generate.prompt_loras import plan_loras
 from hypersd.generate.recipes import SAMPLERS, Recipe, get_recipe
 
@@ -108,19 +109,11 @@ def warn_truncated(pipe, prompts: list[str]) -> None:
 def run_pipeline(pipe, prompts: list[str], recipe: Recipe, seeds: list[int],
                  negative: str | None = None, output_type: str = "pil", extra: dict | None = None):
     """One call of the diffusers pipeline with the recipe's settings; one seed per image.
-    ``extra`` holds more call arguments (ControlNets' images and scales)."""
-    if recipe.steps > pipe.scheduler.config.num_train_timesteps:
-        raise UserError(f"{recipe.steps} steps is more than the model's "
-                        f"{pipe.scheduler.config.num_train_timesteps} noise levels: pass fewer --steps")
-    configure_scheduler(pipe, recipe.sampler, recipe.timestep_spacing, recipe.prediction_type)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    kwargs = dict(guidance_scale=recipe.guidance, generator=generators, output_type=output_type)
-    if recipe.timesteps:
-        kwargs["timesteps"] = list(recipe.timesteps)
-    else:
-        kwargs["num_inference_steps"] = recipe.steps
-    if recipe.eta is not None:
-        kwargs["eta"] = recipe.eta
+    ``extra`` holds more call arguments (ControlNets' images and scales). ``pipe`` may be a
+    ``FastPipeline`` (hypersd.generate.fast), which draws the same images faster."""
+    if isinstance(pipe, FastPipeline):
+        return pipe(prompts, recipe, seeds, negative, output_type, extra)
+    kwargs = recipe_settings(pipe, recipe, seeds, output_type)
     if negative:
         kwargs["negative_prompt"] = [negative] * len(prompts)
     return pipe(prompt=prompts, **kwargs, **(extra or {})).images
@@ -145,6 +138,8 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
     ControlNet folder or hub id, a control image
     (a path or a PIL image, resized to the model's resolution, used for every image) and a
     conditioning scale from 0 to 2 (default 1). Pass an already loaded ``pipe`` to skip loading.
+    Without LoRA tags in the prompts the call runs the fast path (hypersd.generate.fast): each
+    distinct prompt encoded once, and the LoRAs fused into the weights of a pipeline it loaded.
     """
     prompts = _check_request(list(prompts), batch, seed)
     plan = plan_loras(prompts, loras, lora_dir)  # before the model loads: a bad file or tag fails fast
@@ -157,6 +152,7 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
                             "recipe that keeps CFG (teacher, hyper-sd-cfg)")
     parsed = [(p, r.lora_scale if s is None else s) for p, s in plan.shared]
     controls = check_controls(controlnets)  # scales, configs and images, before the model
+    owned = pipe is None
     if pipe is None or plan.any_tags:  # a given pipe holds its LoRAs already, unless prompts name some
         if pipe is None:
             pipe = load_pipeline(model, config=config, unet=unet)
@@ -164,6 +160,8 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
     choice.say(r)
     pipe, control_args = add_controlnets(pipe, controls)
     warn_truncated(pipe, plan.texts)
+    if not plan.any_tags:  # one set of LoRAs: fused into a pipeline of our own, prompts encoded once
+        pipe = FastPipeline(pipe, fuse=owned, speedup="none")
     all_prompts = [p for p in prompts for _ in range(batch)]
     seeds = [seed + k for _ in prompts for k in range(batch)]
     images = [None] * len(all_prompts)

@@ -247,3 +247,22 @@ def configure_scheduler(pipe, sampler: str, timestep_spacing: str | None = None,
     if prediction_type:
         overrides["prediction_type"] = prediction_type
     pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config, **overrides)
+
+
+def recipe_settings(pipe, recipe, seeds: list[int], output_type: str = "pil") -> dict:
+    """The pipeline-call arguments a recipe sets, its scheduler swapped in: one generator per
+    seed (so an image is its seed's whatever the batch), steps or explicit timesteps, eta and
+    guidance."""
+    if recipe.steps > pipe.scheduler.config.num_train_timesteps:
+        raise UserError(f"{recipe.steps} steps is more than the model's "
+                        f"{pipe.scheduler.config.num_train_timesteps} noise levels: pass fewer --steps")
+    configure_scheduler(pipe, recipe.sampler, recipe.timestep_spacing, recipe.prediction_type)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    kwargs = dict(guidance_scale=recipe.guidance, generator=generators, output_type=output_type)
+    if recipe.timesteps:
+        kwargs["timesteps"] = list(recipe.timesteps)
+    else:
+        kwargs["num_inference_steps"] = recipe.steps
+    if recipe.eta is not None:
+        kwargs["eta"] = recipe.eta
+    return kwargs

@@ -3,7 +3,8 @@
 Its penultimate features drive the Fréchet distance (the mini world's FID) and diversity; its
 top-1/top-5 predictions measure prompt adherence (the mini world's CLIP score). It is trained
 with augmentation (shifts, blur, noise, colour jitter, VAE-like softening) so that it also
-recognises imperfect generations.
+recognises imperfect generations. Each emoji32 style has its own network (a Twemoji
+fine-tune is judged by one that knows Twemoji); the bundled teacher's is the noto one.
 """
 
 from __future__ import annotations
@@ -19,10 +20,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hypersd.data import load_emoji32
+from hypersd.data import load_style
+from hypersd.data.emoji32 import STYLES
+from hypersd.errors import UserError
 from hypersd.imaging import to_signed_unit
+from hypersd.io import atomic_path
 
 CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "assets" / "emoji-classifier"
+
+
+def classifier_dir(style: str = "noto") -> Path:
+    """The bundled network of one emoji32 style: ``emoji-classifier`` (noto), else
+    ``emoji-classifier-<style>``."""
+    if style not in STYLES:
+        raise UserError(f"unknown emoji32 style {style!r}: use one of {', '.join(STYLES)}")
+    return CLASSIFIER_DIR if style == "noto" else CLASSIFIER_DIR.with_name(f"emoji-classifier-{style}")
 
 
 class _Block(nn.Module):
@@ -62,7 +74,8 @@ class EmojiNet(nn.Module):
 
 @dataclass
 class ClassifierConfig:
-    out_dir: str = str(CLASSIFIER_DIR)
+    data: str = "noto"               # the emoji32 style to learn
+    out_dir: str = ""                # "" = the style's bundled folder (classifier_dir)
     epochs: int = 60
     batch_size: int = 128
     lr: float = 2e-3
@@ -95,9 +108,9 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * gain + bias + noise).clamp(-1, 1)
 
 
-def _labels() -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def _labels(style: str = "noto") -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Class names (unique captions), images in [-1, 1], and each image's class."""
-    data = load_emoji32()
+    data = load_style(style)
     names = list(dict.fromkeys(data.captions))
     index = {c: i for i, c in enumerate(names)}
     images = to_signed_unit(data.images)
@@ -105,11 +118,13 @@ def _labels() -> tuple[list[str], torch.Tensor, torch.Tensor]:
 
 
 def train_classifier(cfg: ClassifierConfig) -> Path:
-    """Train EmojiNet on all of emoji32 with augmentation; write weights and class names."""
+    """Train EmojiNet on all of one emoji32 style with augmentation; write its weights (fp16)
+    and class names."""
+    out = Path(cfg.out_dir or classifier_dir(cfg.data))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    names, images, labels = _labels()
+    names, images, labels = _labels(cfg.data)
     net = EmojiNet(len(names), cfg.width, cfg.feature_dim)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=5e-4)
@@ -126,10 +141,12 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
             opt.step()
             sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "classes": names}, indent=0) + "\n")
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(half, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps({**asdict(cfg), "out_dir": str(out), "classes": names},
+                                                    indent=0) + "\n")
     return out
 
 

@@ -33,11 +33,12 @@ class Scored:
 class MiniMetrics:
     """Scores images against the emoji32 dataset with the trained emoji network."""
 
-    def __init__(self, path=CLASSIFIER_DIR, batch: int = 512):
+    def __init__(self, path=CLASSIFIER_DIR, batch: int = 512, data=None):
+        """``data``: the emoji32 set whose images FD compares against (default: the noto one)."""
         self.net, classes = load_classifier(path)
         self.index = {c: i for i, c in enumerate(classes)}
         self.batch = batch
-        data = load_emoji32()
+        data = load_emoji32() if data is None else data
         self.aliases = _identical_classes(data, self.index)
         self.dataset_features = self.score(data.images, data.captions).features
 

@@ -25,6 +25,8 @@ class TeacherConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.9995        # EMA of the UNet weights; the exported teacher is the EMA
     caption_dropout: float = 0.1     # share of captions replaced by "" so CFG works
+    caption_mismatch: float = 0.0    # controlnet: share of captions replaced by another emoji's, so
+                                     # the strokes, not the caption, decide the drawing when they disagree
     min_snr_gamma: float = 5.0       # min-SNR loss weighting [Hang et al. 2023]; 0 = plain MSE
     kl_weight: float = 1e-6          # VAE: weight of the KL term, as in SD's autoencoder
     checkpoint_every: int = 1000
@@ -43,6 +45,13 @@ class TeacherConfig:
             raise UserError("steps and batch_size must be positive")
         if self.data not in STYLES:
             raise UserError(f"data must be an emoji32 style, one of {', '.join(STYLES)}; not {self.data!r}")
+        if not (0 <= self.caption_dropout and 0 <= self.caption_mismatch
+                and self.caption_dropout + self.caption_mismatch <= 1):
+            raise UserError("caption_dropout and caption_mismatch are shares of the batch: each 0 or more, "
+                            "together at most 1")
+        if self.caption_mismatch and self.phase != "controlnet":
+            raise UserError("caption_mismatch teaches a ControlNet to follow its strokes over the caption; "
+                            f"the {self.phase} phase does not take it")
         if self.init_from and self.phase != "unet":
             raise UserError(f"init_from starts the unet phase from a pipeline's UNet; the {self.phase} "
                             "phase does not take it")

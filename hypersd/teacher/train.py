@@ -30,8 +30,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hypersd import checkpoint
-from hypersd.data import Emoji32, load_emoji32
-from hypersd.data.emoji32 import STYLES
+from hypersd.data import Emoji32, load_style
 from hypersd.errors import UserError
 from hypersd.imaging import to_signed_unit
 from hypersd.io import atomic_path
@@ -63,7 +62,7 @@ def _load_checkpoint(ck: checkpoint.Checkpoint, model, opt, lr_sched, ema) -> in
 
 
 def _dataset(cfg: TeacherConfig) -> Emoji32:
-    return load_emoji32(STYLES[cfg.data].out_dir)
+    return load_style(cfg.data)
 
 
 def _images(data: Emoji32, device, limit: int = 0) -> torch.Tensor:
@@ -173,9 +172,7 @@ class _UnetTask:
         cfg, n = self.cfg, self.cfg.batch_size
         idx = torch.randint(len(self.mean), (n,), generator=g).to(self.mean.device)
         z0 = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g).to(self.mean)
-        text = self.text[idx]
-        drop = (torch.rand(n, generator=g) < cfg.caption_dropout).to(text.device)
-        text = torch.where(drop[:, None, None], self.empty.expand_as(text), text)
+        text = self._captions(idx, g)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=g).to(z0.device)
         noise = torch.randn(z0.shape, generator=g).to(z0)
         zt = self.scheduler.add_noise(z0, noise, t)
@@ -185,6 +182,18 @@ class _UnetTask:
             snr = self.snr[t]
             per_sample = per_sample * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
         return per_sample.mean(), {}
+
+    def _captions(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The batch's caption embeddings: a ``caption_dropout`` share replaced by the empty
+        caption, then a ``caption_mismatch`` share by another image's caption."""
+        cfg, text = self.cfg, self.text[idx]
+        u = torch.rand(len(idx), generator=g).to(text.device)
+        text = torch.where((u < cfg.caption_dropout)[:, None, None], self.empty.expand_as(text), text)
+        if cfg.caption_mismatch > 0:  # no extra draw otherwise: earlier runs resume on the same stream
+            other = (idx + torch.randint(1, len(self.text), idx.shape, generator=g).to(idx)) % len(self.text)
+            swap = (u >= cfg.caption_dropout) & (u < cfg.caption_dropout + cfg.caption_mismatch)
+            text = torch.where(swap[:, None, None], self.text[other], text)
+        return text
 
     def predict(self, model, zt, t, text, idx, g):
         """The ε prediction for the noised batch (``idx``: its images; ``g``: further draws)."""

@@ -23,4 +23,5 @@ def test_a_style_trains_into_a_folder_that_loads(tmp_path):
     assert net.head.out_features == len(classes)
     with safe_open(out / "model.safetensors", "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys() if "num_batches" not in k} == {"torch.float16"}
+    assert "CC BY 4.0" in (out / "NOTICE").read_text()  # Twemoji's licence travels with the weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]  # no temporary folder left

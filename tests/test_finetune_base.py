@@ -59,6 +59,7 @@ def test_finetune_resumes_leaves_the_handoff_alone_and_exports(tmp_path):
                      "_diffusers_version": index["_diffusers_version"]}
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (MINI_DIR / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert "CC BY 4.0" in (out / "NOTICE").read_text()  # Twemoji's licence travels with the weights
     tokenizer, encoder = load_text_encoder()
     stock = StableDiffusionPipeline.from_pretrained(out, text_encoder=encoder, tokenizer=tokenizer,
                                                     safety_checker=None, requires_safety_checker=False)

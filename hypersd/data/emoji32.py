@@ -203,6 +203,14 @@ def save_emoji32(data: Emoji32, out_dir: str | Path) -> None:
     (out_dir / "index.json").write_text(json.dumps(index, indent=0) + "\n")
 
 
+def weights_notice(style: str) -> str:
+    """The NOTICE for weights trained on one style: the dataset's own notice, which travels
+    with anything derived from its images."""
+    folder = _style(style).out_dir
+    return (f"These weights were trained on {folder.name} (hypersd/assets/{folder.name}), whose images "
+            f"carry this notice:\n\n{(folder / 'NOTICE').read_text()}")
+
+
 def load_style(name: str = "noto") -> Emoji32:
     """The committed dataset of one style (``noto`` or ``twemoji``); an unknown name is a UserError."""
     return load_emoji32(_style(name).out_dir)

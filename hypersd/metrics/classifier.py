@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from hypersd.data import load_style
-from hypersd.data.emoji32 import STYLES
+from hypersd.data.emoji32 import STYLES, weights_notice
 from hypersd.errors import UserError
 from hypersd.imaging import to_signed_unit
 from hypersd.io import atomic_path
@@ -147,6 +147,8 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
         save_file(half, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps({**asdict(cfg), "out_dir": str(out), "classes": names},
                                                     indent=0) + "\n")
+        if cfg.data != "noto":  # the committed noto network predates notices in weight folders
+            (tmp / "NOTICE").write_text(weights_notice(cfg.data))
     return out
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hypersd import checkpoint
 from hypersd.data import Emoji32, load_style
+from hypersd.data.emoji32 import weights_notice
 from hypersd.errors import UserError
 from hypersd.imaging import to_signed_unit
 from hypersd.io import atomic_path
@@ -347,6 +348,15 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path = MINI_DIR,
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
                                    scheduler=build_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    style = _run_style(run_dir)
     with atomic_path(out_dir) as tmp:
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True, variant=None)
+        if style != "noto":  # weights from another style's images keep that style's notice
+            (tmp / "NOTICE").write_text(weights_notice(style))
     return out_dir
+
+
+def _run_style(run_dir: Path) -> str:
+    """The emoji32 style a run trained on, as its init record says (the bundled teacher's: noto)."""
+    record = run_dir / INIT_RECORD
+    return json.loads(record.read_text()).get("data", "noto") if record.exists() else "noto"

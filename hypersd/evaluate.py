@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hypersd.data import load_style
+from hypersd.data.emoji32 import get_style
 from hypersd.errors import UserError
 from hypersd.files import check_writable, write_file, writing
 from hypersd.generate import load_loras, load_pipeline, resolve_recipe, run_pipeline
@@ -73,7 +74,7 @@ class EvalConfig:
                 raise UserError(f"{flag} {value}: give at least 1")
         for spec in self.loras + list(self.step_loras.values()):
             parse_lora(spec)  # a scale that is not a finite number fails here, before any work
-        load_style(self.data)  # an unknown style fails here
+        get_style(self.data)  # an unknown style fails here
 
 
 def parse_steps(text: str) -> list[int]:

@@ -83,3 +83,12 @@ def tiny_controlnet(unet: UNet2DConditionModel, folder, channels=(16, 32, 64), s
         p.data.normal_(0, 0.05)
     net.save_pretrained(folder)
     return str(folder)
+
+
+def add_to_tar(tar, name: str, data: bytes) -> None:
+    """Add a file of ``data`` named ``name`` to an open tarfile (fake npm packages in tests)."""
+    import io
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))

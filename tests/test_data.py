@@ -1,6 +1,7 @@
 import io
 import json
 import tarfile
+from functools import partial
 
 import numpy as np
 import pytest
@@ -8,16 +9,14 @@ from PIL import Image
 
 from hypersd.data import build_emoji32, load_emoji32
 from hypersd.data.emoji32 import _caption
+from hypersd.testing import add_to_tar
 
 
 def _fake_package(path):
     """A tarball shaped like emoji-datasource-google, with three emoji (one with skin tones)."""
     records = []
     with tarfile.open(path, "w:gz") as tar:
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        add = partial(add_to_tar, tar)
         for i, (code, name) in enumerate([("1F600", "GRINNING FACE"), ("1F44D", "THUMBS UP SIGN"),
                                           ("1F34E", "RED APPLE")]):
             rgba = np.zeros((64, 64, 4), np.uint8)

@@ -1,6 +1,7 @@
 import io
 import json
 import tarfile
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypersd.cli import main
 from hypersd.data import build_emoji32, load_emoji32
 from hypersd.data.emoji32 import ASSETS, STYLES, _split_of
 from hypersd.errors import UserError
+from hypersd.testing import add_to_tar
 
 
 def _fake_package(path, image_set):
@@ -18,10 +20,7 @@ def _fake_package(path, image_set):
     tone this set lacks."""
     records = []
     with tarfile.open(path, "w:gz") as tar:
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        add = partial(add_to_tar, tar)
 
         def add_png(image, colour):
             rgba = np.zeros((64, 64, 4), np.uint8)

@@ -114,7 +114,7 @@ def _to32(png_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
     return small(rgb), small(rgba.getchannel("A"))
 
 
-def _style(name: str) -> Style:
+def get_style(name: str) -> Style:
     if name not in STYLES:
         from hypersd.errors import UserError
         raise UserError(f"unknown emoji32 style {name!r}: use one of {', '.join(STYLES)}")
@@ -125,7 +125,7 @@ def fetch_package(dest: Path, style: str = "noto") -> Path:
     """Run ``npm pack`` for the style's pinned package into ``dest``; return the tarball's path."""
     try:
         out = subprocess.run(
-            ["npm", "pack", _style(style).source, "--silent"],
+            ["npm", "pack", get_style(style).source, "--silent"],
             cwd=dest, check=True, capture_output=True, text=True,
         ).stdout.strip().splitlines()[-1]
     except FileNotFoundError as e:
@@ -138,7 +138,7 @@ def build_emoji32(tarball: str | Path | None = None, out_dir: str | Path | None 
     """Build one style of emoji32 from its npm tarball (fetched with npm when not given) into
     ``out_dir`` (default: the style's folder)."""
     from hypersd.errors import UserError
-    spec = _style(style)
+    spec = get_style(style)
     if tarball and not Path(tarball).is_file():
         raise UserError(f"tarball {tarball} does not exist: pass {spec.source}'s .tgz, or leave "
                         "--tarball out to fetch it with npm")
@@ -206,14 +206,14 @@ def save_emoji32(data: Emoji32, out_dir: str | Path) -> None:
 def weights_notice(style: str) -> str:
     """The NOTICE for weights trained on one style: the dataset's own notice, which travels
     with anything derived from its images."""
-    folder = _style(style).out_dir
+    folder = get_style(style).out_dir
     return (f"These weights were trained on {folder.name} (hypersd/assets/{folder.name}), whose images "
             f"carry this notice:\n\n{(folder / 'NOTICE').read_text()}")
 
 
 def load_style(name: str = "noto") -> Emoji32:
     """The committed dataset of one style (``noto`` or ``twemoji``); an unknown name is a UserError."""
-    return load_emoji32(_style(name).out_dir)
+    return load_emoji32(get_style(name).out_dir)
 
 
 def load_emoji32(path: str | Path = DEFAULT_DIR) -> Emoji32:

@@ -21,8 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from hypersd.data import load_style
-from hypersd.data.emoji32 import STYLES, weights_notice
-from hypersd.errors import UserError
+from hypersd.data.emoji32 import get_style, weights_notice
 from hypersd.imaging import to_signed_unit
 from hypersd.io import atomic_path
 
@@ -32,8 +31,7 @@ CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "assets" / "emoji-clas
 def classifier_dir(style: str = "noto") -> Path:
     """The bundled network of one emoji32 style: ``emoji-classifier`` (noto), else
     ``emoji-classifier-<style>``."""
-    if style not in STYLES:
-        raise UserError(f"unknown emoji32 style {style!r}: use one of {', '.join(STYLES)}")
+    get_style(style)  # an unknown name: a UserError
     return CLASSIFIER_DIR if style == "noto" else CLASSIFIER_DIR.with_name(f"emoji-classifier-{style}")
 
 

@@ -83,10 +83,15 @@ def init_folder(init_from: str) -> Path:
     return folder
 
 
+def _init_record(run_dir: str | Path) -> dict:
+    """What a fine-tune recorded of its start ({} for a run trained from scratch)."""
+    record = Path(run_dir) / INIT_RECORD
+    return json.loads(record.read_text()) if record.exists() else {}
+
+
 def run_init(run_dir: str | Path) -> str:
     """The ``init_from`` a run was fine-tuned from ("" for a run trained from scratch)."""
-    record = Path(run_dir) / INIT_RECORD
-    return json.loads(record.read_text())["init_from"] if record.exists() else ""
+    return _init_record(run_dir).get("init_from", "")
 
 
 def _record_init(cfg: TeacherConfig, run_dir: Path) -> None:
@@ -348,15 +353,10 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path = MINI_DIR,
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
                                    scheduler=build_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    style = _run_style(run_dir)
+    style = _init_record(run_dir).get("data", "noto")  # the bundled teacher's own run: noto
     with atomic_path(out_dir) as tmp:
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True, variant=None)
         if style != "noto":  # weights from another style's images keep that style's notice
             (tmp / "NOTICE").write_text(weights_notice(style))
     return out_dir
 
-
-def _run_style(run_dir: Path) -> str:
-    """The emoji32 style a run trained on, as its init record says (the bundled teacher's: noto)."""
-    record = run_dir / INIT_RECORD
-    return json.loads(record.read_text()).get("data", "noto") if record.exists() else "noto"

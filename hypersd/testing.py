@@ -92,3 +92,48 @@ def add_to_tar(tar, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+def _t5(width: int = 32):
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(vocab_size=30522, d_model=width, d_ff=2 * width, d_kv=8, num_layers=2,
+                                   num_heads=4, decoder_start_token_id=0)).eval()  # no dropout, as loaded
+
+
+def _flow_vae():
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.1, scaling_factor=0.9)  # both used, as in FLUX's and SD3's VAEs
+    return vae
+
+
+def tiny_flux(seed: int = 0, guidance_embeds: bool = False):
+    """A FLUX-shaped pipeline: CLIP (pooled) and T5 (tokens) encoders, a double- and single-stream
+    transformer on 2x2-packed latents, the flow-matching Euler scheduler; 16x16 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),
+                        text_encoder=CLIPTextModel(_clip_config(32)), tokenizer=_tokenizer(),
+                        text_encoder_2=_t5(32), tokenizer_2=_tokenizer(), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3(seed: int = 0):
+    """An SD3-shaped pipeline: two CLIP encoders with projections and T5, an MMDiT transformer,
+    the flow-matching Euler scheduler at shift 3; 16x16 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=4)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(32)), tokenizer=_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(32)), tokenizer_2=_tokenizer(),
+        text_encoder_3=_t5(64), tokenizer_3=_tokenizer(), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hypersd.distill.consistency import Batch, ConsistencyConfig, ConsistencyLoss, _psi
+from hypersd.distill.consistency import Batch, ConsistencyConfig, ConsistencyLoss
 from hypersd.distill.schedule import ddim_step
 from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.schedule import sd_alphas_cumprod
@@ -85,7 +85,7 @@ def test_psi_to_its_own_timestep_is_the_identity():
     t = torch.tensor([979, 499, 19])
     with torch.no_grad():
         pred = den(x, t, {"encoder_hidden_states": torch.randn(3, 3, 16)})
-    torch.testing.assert_close(_psi(pred, den.alpha(t)), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(den.step(pred, t), x, atol=1e-5, rtol=1e-5)
 
 
 def test_student_guidance_guides_prediction_and_target_at_the_teachers_omega():
@@ -105,7 +105,7 @@ def test_student_guidance_guides_prediction_and_target_at_the_teachers_omega():
     with torch.no_grad():
         guided = student(terms.x_t, t_n, batch.cond, batch.uncond, omega)
         plain = student(terms.x_t, t_n, batch.cond)
-    torch.testing.assert_close(terms.prediction.detach(), _psi(guided, student.alpha(end)))
-    assert (terms.prediction.detach() - _psi(plain, student.alpha(end))).abs().max() > 1e-3
+    torch.testing.assert_close(terms.prediction.detach(), student.step(guided, end))
+    assert (terms.prediction.detach() - student.step(plain, end)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="guidance range"):
         ConsistencyLoss(ConsistencyConfig(guidance=None, student_guidance=True))

@@ -9,7 +9,6 @@ from peft import LoraConfig
 from safetensors import safe_open
 
 from hypersd.distill.data import Prompts
-from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.loop import distill
 from hypersd.distill.networks import Networks
 from hypersd.distill.protocol import METHODS, Method, register
@@ -38,7 +37,7 @@ class OneJump(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.student, self.teacher = (Denoiser(ctx.nets.view(r), ctx.alphas) for r in ("student", "teacher"))
+        self.student, self.teacher = (ctx.denoiser(r) for r in ("student", "teacher"))
 
     def sample(self, batch, g):
         return Jump(torch.randn(len(batch.prompts), 4, 8, 8, generator=g), batch.cond)

@@ -24,7 +24,7 @@ import torch
 
 from hypersd.distill.data import Batch
 from hypersd.distill.denoiser import Denoiser, Prediction
-from hypersd.distill.schedule import check_grid, ddim_step, lcm_boundary_scalings, solver_grid, t_end
+from hypersd.distill.schedule import check_grid, lcm_boundary_scalings, solver_grid, t_end
 
 
 @dataclass
@@ -41,18 +41,10 @@ class ConsistencyConfig:
     offset_noise: float = 0.0          # noise perturbation: ε + o·ε_c, ε_c per channel [offset noise]
 
 
-def _psi(pred: Prediction, alpha_end: torch.Tensor) -> torch.Tensor:
-    """Ψ to the timestep whose ᾱ is ``alpha_end`` (one per example)."""
-    a = alpha_end.reshape(-1, *([1] * (pred.x0.ndim - 1))).to(pred.x0.dtype)
-    return ddim_step(pred.x0, pred.eps, a)
-
-
-def _with_boundary(pred: Prediction, x_t: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor) -> Prediction:
+def _with_boundary(den: Denoiser, pred: Prediction, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
     c_skip, c_out = (torch.as_tensor(c, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1, 1, 1)
                      for c in lcm_boundary_scalings(t.cpu().numpy()))
-    x0 = c_skip * x_t + c_out * pred.x0
-    a = alpha.reshape(-1, 1, 1, 1).to(x_t.dtype)
-    return Prediction(x0, (x_t - a.sqrt() * x0) / (1 - a).sqrt())
+    return den.from_x0(x_t, c_skip * x_t + c_out * pred.x0, t)
 
 
 @dataclass
@@ -104,7 +96,7 @@ class ConsistencyLoss:
     def student_prediction(self, den: Denoiser, x_t, t, cond, uncond=None, omega=None) -> Prediction:
         """The student's (or target's) prediction: guided when ``student_guidance`` is set."""
         pred = den(x_t, t, cond, uncond, omega) if self.cfg.student_guidance else den(x_t, t, cond)
-        return _with_boundary(pred, x_t, t, den.alpha(t)) if self.cfg.boundary else pred
+        return _with_boundary(den, pred, x_t, t) if self.cfg.boundary else pred
 
     def __call__(self, student: Denoiser, teacher: Denoiser, target: Denoiser, batch: Batch,
                  g: torch.Generator):
@@ -138,13 +130,12 @@ class ConsistencyLoss:
                 tea = teacher(x_tn, t_n, d.cond)
             else:
                 tea = teacher(x_tn, t_n, d.cond, d.uncond, omega)
-            x_prev = _psi(tea, teacher.alpha(t_prev))
-            tgt = _psi(self.student_prediction(target, x_prev, t_prev.clamp(min=0), d.cond,
-                                               d.uncond, omega), target.alpha(end))
+            x_prev = teacher.step(tea, t_prev)
+            tgt = target.step(self.student_prediction(target, x_prev, t_prev.clamp(min=0), d.cond,
+                                                      d.uncond, omega), end)
             # from the clean image (t_{n-1} = -1) the only place to go is itself
             tgt = torch.where((t_prev < 0).reshape(-1, 1, 1, 1), x_prev, tgt)
-        pred = _psi(self.student_prediction(student, x_tn, t_n, d.cond, d.uncond, omega),
-                    student.alpha(end))
+        pred = student.step(self.student_prediction(student, x_tn, t_n, d.cond, d.uncond, omega), end)
         diff = (pred.float() - tgt.float()).flatten(1)
         if cfg.distance == "huber":
             per = (diff.pow(2).mean(1) + cfg.huber_c ** 2).sqrt() - cfg.huber_c

@@ -30,8 +30,13 @@ def _sdxl_time_ids(pipe, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_text(pipe, prompts: list[str], batch: int = 256) -> dict:
-    """UNet keyword inputs for each prompt (tensors stacked along the batch)."""
-    sdxl = hasattr(pipe, "text_encoder_2")
+    """The denoising network's keyword inputs for each prompt (tensors stacked along the batch)."""
+    from hypersd.distill.family import family_of, prompt_cond
+    fam = family_of(pipe)
+    if fam.flow:
+        parts = [prompt_cond(pipe, fam, prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
+        return map_cond(lambda *v: torch.cat(v), *parts)
+    sdxl = fam.name == "sdxl"
     embeds, pooled = [], []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
@@ -96,10 +101,12 @@ class LatentCaptions(Prompts):
         self.mean = torch.cat([d.mean for d in dists]).float()
         self.std = torch.cat([d.std for d in dists]).float()
         self.scale = vae.config.scaling_factor
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's and FLUX's VAEs
         super().__init__(pipe, captions)
 
     def _latents(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)) * self.scale
+        z = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)
+        return (z - self.shift) * self.scale
 
 
 def emoji32_examples(pipe, split: str = "distill") -> LatentCaptions:
@@ -109,7 +116,8 @@ def emoji32_examples(pipe, split: str = "distill") -> LatentCaptions:
     data = load_emoji32()
     idx = data.indices(split)
     images = to_signed_unit(data.images[idx])
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from hypersd.distill.family import family_of
+    size = family_of(pipe).resolution
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
     return LatentCaptions(pipe, images, [data.captions[i] for i in idx])

@@ -1,12 +1,11 @@
-"""One wrapper hides the parameterisation: any diffusers UNet -> (x̂₀, ε̂) at (x_t, t).
+"""One wrapper hides the parameterisation: any denoising network -> (x̂₀, ε̂) at (x_t, t).
 
-Everything downstream (solvers, losses, samplers) speaks x₀ and ε. Conversions for
-ᾱ = alphas_cumprod[t], x_t = √ᾱ x₀ + √(1-ᾱ) ε:
-  epsilon: x̂₀ = (x_t - √(1-ᾱ) ε̂) / √ᾱ
-  v:       x̂₀ = √ᾱ x_t - √(1-ᾱ) v̂,   ε̂ = √(1-ᾱ) x_t + √ᾱ v̂        [Salimans & Ho 2022]
-  sample:  ε̂ = (x_t - √ᾱ x̂₀) / √(1-ᾱ)
-Classifier-free guidance mixes the two predictions linearly, ε̂ = ε̂_u + ω (ε̂_c - ε̂_u) (and
-so x̂₀ alike); LCM's "w" is ω - 1.
+Everything downstream (solvers, losses, samplers) speaks x₀ and ε on one integer time axis
+(t = -1: the clean image). The forward process (``hypersd.distill.process``: VP for ε-, v- and
+x₀-predicting UNets, Flow for velocity-predicting transformers) maps t to its noise level and
+converts outputs; the network's call convention (``call``: a UNet's, FLUX's packed tokens)
+is the other thing that varies. Classifier-free guidance mixes the two predictions linearly,
+ε̂ = ε̂_u + ω (ε̂_c - ε̂_u) (and so x̂₀ alike, in every parameterisation); LCM's "w" is ω - 1.
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from hypersd.distill import process as processes
 from hypersd.distill.data import map_cond
+from hypersd.distill.process import PREDICTION_TYPES, bcast
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+__all__ = ["Denoiser", "Prediction", "PREDICTION_TYPES", "to_x0_eps", "native", "unet_call", "cat_cond"]
 
 
 @dataclass
@@ -26,78 +27,76 @@ class Prediction:
     eps: torch.Tensor
 
 
-def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return a.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
-
-
 def to_x0_eps(out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> Prediction:
-    """Convert a network output of the given parameterisation into (x̂₀, ε̂)."""
-    a = _bcast(alpha, x_t)
-    sa, s1a = a.sqrt(), (1 - a).sqrt()
-    if prediction_type == "epsilon":
-        return Prediction((x_t - s1a * out) / sa, out)
-    if prediction_type == "v_prediction":
-        return Prediction(sa * x_t - s1a * out, s1a * x_t + sa * out)
-    if prediction_type == "sample":
-        return Prediction(out, (x_t - sa * out) / s1a)
-    raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+    """Convert a VP network output of the given parameterisation at ᾱ = ``alpha`` into (x̂₀, ε̂)."""
+    return Prediction(*processes.to_x0_eps(out, x_t, alpha, prediction_type))
 
 
-def native(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """What a network of the given parameterisation outputs for (x₀, ε) at ᾱ: its training target."""
-    a = _bcast(alpha, x0)
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return a.sqrt() * eps - (1 - a).sqrt() * x0
-    if prediction_type == "sample":
-        return x0
-    raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+native = processes.native
+
+
+def unet_call(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """A diffusers UNet's call convention: ``net(x, t, **cond).sample``."""
+    return net(x, t, **cond).sample
 
 
 class Denoiser:
-    """Wraps a UNet2DConditionModel; ``cond`` holds its keyword inputs (SD: encoder_hidden_states;
-    SDXL also added_cond_kwargs)."""
+    """Wraps a network; ``cond`` holds its keyword inputs (SD: encoder_hidden_states; SDXL also
+    added_cond_kwargs; FLUX: encoder_hidden_states and pooled_projections).
 
-    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")
-        self.unet, self.prediction_type = unet, prediction_type
-        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    ``schedule`` is a ``process.Process``, or the ᾱ of a VP schedule."""
+
+    def __init__(self, unet, schedule, prediction_type: str = "epsilon", call=unet_call):
+        self.process = schedule if isinstance(schedule, processes.Process) else processes.VP(schedule)
+        if prediction_type not in self.process.parameterisations:
+            raise ValueError(f"unknown prediction type {prediction_type!r}; use one of "
+                             f"{self.process.parameterisations}")
+        self.unet, self.prediction_type, self.call = unet, prediction_type, call
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t (float64) for integer timesteps; t = -1 means "clean" (ᾱ = 1)."""
-        a = self.alphas_cumprod.to(t.device)[t.clamp(min=0)]
-        return torch.where(t < 0, torch.ones_like(a), a)
+        """ᾱ_t (float64) for integer timesteps (a flow's: the VP ᾱ of equal SNR); -1: ᾱ = 1."""
+        return self.process.alpha(t)
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_t = √ᾱ_t x₀ + √(1-ᾱ_t) ε, the forward process at integer timesteps ``t``."""
-        a = _bcast(self.alpha(t), x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+        """x_t, the forward process at integer timesteps ``t``."""
+        return self.process.noised(x0, t, eps)
+
+    def step(self, pred: Prediction, s: torch.Tensor) -> torch.Tensor:
+        """Ψ(x_t, f(x_t, t), s): the deterministic jump to timesteps ``s`` (one per example)."""
+        return self.process.step(pred.x0, pred.eps, s)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's own training target for (x₀, ε) at t, in its parameterisation."""
+        return self.process.target(x0, eps, t, self.prediction_type)
+
+    def from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> Prediction:
+        """The prediction (x̂₀, ε̂) consistent with x_t at t for a given x̂₀."""
+        a, b = (bcast(c, x_t) for c in self.process.coefficients(t))
+        return Prediction(x0, (x_t - a * x0) / b)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
                  uncond: dict | None = None, guidance: torch.Tensor | float | None = None) -> Prediction:
         """(x̂₀, ε̂) at x_t; with ``uncond`` and ``guidance``, classifier-free guided."""
+        tn = self.process.net_time(t)
         if uncond is None or guidance is None:
-            out = self.unet(x_t, t, **cond).sample
-            return to_x0_eps(out, x_t, self.alpha(t), self.prediction_type)
-        both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **cat_cond(uncond, cond)).sample
-        u, c = both.chunk(2)
-        w = _bcast(torch.as_tensor(guidance, dtype=torch.float64).expand(len(x_t)), x_t)
-        return to_x0_eps(u + w * (c - u), x_t, self.alpha(t), self.prediction_type)
-
+            out = self.call(self.unet, x_t, tn, cond)
+        else:
+            both = self.call(self.unet, torch.cat([x_t, x_t]), torch.cat([tn, tn]), cat_cond(uncond, cond))
+            u, c = both.chunk(2)
+            w = bcast(torch.as_tensor(guidance, dtype=torch.float64).expand(len(x_t)), x_t)
+            out = u + w * (c - u)
+        return Prediction(*self.process.split(out, x_t, t, self.prediction_type))
 
     @torch.no_grad()
     def solve(self, x_t: torch.Tensor, path, cond: dict, uncond: dict | None = None,
               guidance: torch.Tensor | float | None = None) -> torch.Tensor:
-        """DDIM along ``path`` (``schedule.multistep_path``: (n + 1, batch) timesteps, -1 = clean):
-        x_{τ_{i+1}} = Ψ(x_{τ_i}, f(x_{τ_i}, τ_i), τ_{i+1}), the teacher's multi-step jump."""
-        from hypersd.distill.schedule import ddim_step
+        """The deterministic sampler along ``path`` (``schedule.multistep_path``: (n + 1, batch)
+        timesteps, -1 = clean): x_{τ_{i+1}} = Ψ(x_{τ_i}, f(x_{τ_i}, τ_i), τ_{i+1}), the teacher's
+        multi-step jump (DDIM for VP, Euler for flows)."""
         path = torch.as_tensor(path, device=x_t.device).reshape(len(path), -1).expand(-1, len(x_t))
         x = x_t
         for t, s in zip(path[:-1], path[1:]):
-            pred = self(x, t, cond, uncond, guidance)
-            x = ddim_step(pred.x0, pred.eps, _bcast(self.alpha(s), x))
+            x = self.step(self(x, t, cond, uncond, guidance), s)
         return x
 
 

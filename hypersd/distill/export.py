@@ -23,9 +23,12 @@ METADATA_KEY = "lora_adapter_metadata"  # where diffusers looks for the peft con
 
 
 def save_lora(state: dict[str, torch.Tensor], lora_config, path: str | Path, info: dict,
-              kohya: bool = True, sdxl: bool = False, unet_config=None) -> list[Path]:
+              kohya: bool = True, sdxl: bool = False, unet_config=None, prefix: str = "unet",
+              base: str | None = None) -> list[Path]:
     """Write ``path`` (diffusers keys ``unet.…lora_A.weight``) and ``path.kohya.safetensors``
-    (sd-scripts' names; SDXL's in ``unet_config``'s original layout).
+    (sd-scripts' names; SDXL's in ``unet_config``'s original layout). A transformer's LoRA
+    (``prefix`` "transformer": SD3, FLUX) is written in diffusers' layout only; ``base`` names the
+    family in the header (``hypersd.lora.metadata``; default SD1, or SDXL with ``sdxl``).
 
     ``info`` (base model, method, steps served, recommended recipe) goes into both headers
     under "hypersd", as JSON.
@@ -33,13 +36,14 @@ def save_lora(state: dict[str, torch.Tensor], lora_config, path: str | Path, inf
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     r, alpha = lora_config.r, lora_config.lora_alpha
-    tensors = {f"unet.{k}": v.detach().float().contiguous() for k, v in state.items()}
+    kohya = kohya and prefix == "unet"
+    tensors = {f"{prefix}.{k}": v.detach().float().contiguous() for k, v in state.items()}
     folded = {k: v * (alpha / r) if ".lora_B." in k else v for k, v in tensors.items()}
-    peft_meta = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v)
+    peft_meta = {f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v)
                  for k, v in dict(lora_config.to_dict(), lora_alpha=r).items()
                  if isinstance(v, (int, float, str, bool, list, set, type(None)))}
     ours = {"format": "pt", "hypersd": json.dumps(info, sort_keys=True)}
-    base = SDXL if sdxl else SD1
+    base = base or (SDXL if sdxl else SD1)
     n = sum(k.endswith(".lora_A.weight") for k in tensors)
     written = []
     if kohya:  # first: ``path`` is written last, so its presence means the export is whole

@@ -34,9 +34,11 @@ from tqdm.auto import tqdm
 from hypersd import checkpoint
 from hypersd.distill.data import emoji32_examples
 from hypersd.distill.export import save_lora
+from hypersd.distill.family import TRANSFORMER_LORA_TARGETS, Family, family_of
 from hypersd.distill.networks import Networks
+from hypersd.distill.process import process_of
 from hypersd.distill.protocol import StageContext, methods
-from hypersd.distill.recipe import RunConfig
+from hypersd.distill.recipe import LCM_LORA_TARGETS, RunConfig
 from hypersd.errors import UserError
 from hypersd.files import check_writable, writing
 from hypersd.io import atomic_path
@@ -55,10 +57,14 @@ def replica_checksum(nets: Networks) -> float:
     return float(sum(v.double().sum() * (i + 1) for i, v in enumerate(nets.state("student").values())))
 
 
-def lora_config(run: RunConfig) -> LoraConfig | None:
+def lora_config(run: RunConfig, fam: Family | None = None) -> LoraConfig | None:
+    """The student's LoRA; a transformer's targets are its projections unless the recipe names others."""
     if run.full_unet:
         return None
-    return LoraConfig(r=run.lora.rank, lora_alpha=run.lora.alpha, target_modules=list(run.lora.targets),
+    targets = run.lora.targets
+    if fam is not None and fam.lora_prefix == "transformer" and targets == LCM_LORA_TARGETS:
+        targets = TRANSFORMER_LORA_TARGETS
+    return LoraConfig(r=run.lora.rank, lora_alpha=run.lora.alpha, target_modules=list(targets),
                       init_lora_weights=True)
 
 
@@ -77,14 +83,17 @@ def setup(run: RunConfig, accelerator: Accelerator, examples=None, pipe=None):
     from hypersd.generate.loading import load_pipeline
 
     pipe = pipe or load_pipeline(run.model, dtype=torch.float32, device=str(accelerator.device))
+    fam = family_of(pipe)
     examples = examples or emoji32_examples(pipe, run.split)
     if run.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        fam.net.enable_gradient_checkpointing()
     set_seed(run.seed)  # the LoRA's random A matrices: the same on every process
-    nets = Networks(pipe.unet, lora_config(run))
-    ctx = StageContext(nets, pipe.scheduler.alphas_cumprod.double(), pipe.scheduler.config.prediction_type,
+    nets = Networks(fam.net, lora_config(run, fam))
+    process = process_of(pipe.scheduler)
+    ctx = StageContext(nets, process, "flow" if fam.flow else pipe.scheduler.config.prediction_type,
                        run.offset_noise, probe=examples.sample(2, torch.Generator().manual_seed(0)),
-                       data=examples, vae=pipe.vae.requires_grad_(False))
+                       data=examples, vae=pipe.vae.requires_grad_(False), call=fam.call,
+                       latent_shape=fam.latent_shape)
     return pipe, examples, ctx
 
 
@@ -103,8 +112,7 @@ def distill(run: RunConfig, examples=None, pipe=None, accelerator: Accelerator |
     accelerator.init_trackers("distill")
     exported, previous = [], None
     for index in range(len(run.stages)):
-        path, previous = _run_stage(run, index, ctx, examples, accelerator, previous,
-                                    sdxl=hasattr(pipe, "text_encoder_2"), unet=pipe.unet)
+        path, previous = _run_stage(run, index, ctx, examples, accelerator, previous, family_of(pipe))
         exported.append(path)
         ctx.finished[run.stages[index].name] = Path(run.output_dir) / f"{run.stages[index].name}.ckpt"
     _report_replicas(run, ctx.nets, accelerator)
@@ -262,7 +270,7 @@ def _chunks(value, parts: int) -> list:
 
 
 def _run_stage(run: RunConfig, index: int, ctx: StageContext, examples, accelerator: Accelerator,
-               previous: dict | None, sdxl: bool, unet) -> tuple[Path, dict]:
+               previous: dict | None, fam: Family) -> tuple[Path, dict]:
     """Train (or resume, or skip if finished) one stage; return its export and student."""
     stage, out = run.stages[index], Path(run.output_dir)
     final, ckpt = out / f"{stage.name}.safetensors", out / f"{stage.name}.ckpt"
@@ -290,7 +298,7 @@ def _run_stage(run: RunConfig, index: int, ctx: StageContext, examples, accelera
     accelerator.free_memory()  # the next stage prepares its own modules and optimizers
     student = ctx.nets.state("student")
     accelerator.wait_for_everyone()
-    return _export(ctx.nets, student, final, info, sdxl, unet, accelerator.is_main_process), student
+    return _export(ctx.nets, student, final, info, fam, accelerator.is_main_process), student
 
 
 def _train(trainer: StageTrainer, start: int, ckpt: Path) -> None:
@@ -315,9 +323,17 @@ def _train(trainer: StageTrainer, start: int, ckpt: Path) -> None:
             trainer.save(ckpt, step + 1)
 
 
-def _export(nets: Networks, student: dict, final: Path, info: dict, sdxl: bool, unet, main: bool) -> Path:
-    """The stage's student: a LoRA file (diffusers + kohya), or for full training a diffusers
-    UNet folder beside one original-layout file (``final``, what A1111/ComfyUI load)."""
+def _export(nets: Networks, student: dict, final: Path, info: dict, fam: Family, main: bool) -> Path:
+    """The stage's student: a LoRA file (diffusers + kohya for UNets), or for full training a
+    diffusers folder of the network beside (UNets) one original-layout file (``final``, what
+    A1111/ComfyUI load)."""
+    unet = fam.net
+    if nets.lora is None and fam.flow:
+        folder = final.with_suffix("")
+        if main:
+            with atomic_path(folder) as tmp:
+                unet.save_pretrained(tmp)
+        return folder
     if nets.lora is None:
         from hypersd.models.single_file import save_unet_single_file
         folder = final.with_suffix("")
@@ -328,7 +344,8 @@ def _export(nets: Networks, student: dict, final: Path, info: dict, sdxl: bool, 
                 save_unet_single_file(unet, tmp, metadata={"hypersd": json.dumps(info, sort_keys=True)})
         return folder
     if main:
-        save_lora(student, nets.lora, final, info, sdxl=sdxl, unet_config=unet.config)
+        save_lora(student, nets.lora, final, info, sdxl=fam.name == "sdxl", unet_config=unet.config,
+                  prefix=fam.lora_prefix, base=fam.metadata_base)
     return final
 
 

@@ -30,6 +30,8 @@ from typing import Any, Callable
 import torch
 
 from hypersd.distill.data import Batch
+from hypersd.distill.denoiser import Denoiser, unet_call
+from hypersd.distill.process import VP, Process
 from hypersd.distill.networks import Networks
 
 
@@ -38,14 +40,24 @@ class StageContext:
     """What a method is built with: the networks and the run-level settings it may use."""
 
     nets: Networks
-    alphas: torch.Tensor               # ᾱ_t of the base model's schedule, float64
-    prediction_type: str               # "epsilon" | "v_prediction" | "sample"
+    process: Process                   # the base model's forward process (VP: its ᾱ; Flow: its shift)
+    prediction_type: str               # "epsilon" | "v_prediction" | "sample" | "flow"
     offset_noise: float = 0.0          # noise perturbation [Hyper-SD §3.1, offset noise]
     probe: Batch | None = None         # two examples, for shape-dependent set-up (critic heads)
     data: Any = None                   # the run's examples (``Prompts``), for methods that precompute
     vae: Any = None                    # the base model's VAE, for methods that score decoded images
     finished: dict[str, Path] = field(default_factory=dict)  # checkpoints of the run's finished
                                        # stages by name, in order (a progressive stage's teacher)
+    call: Callable = unet_call         # the network's call convention (``flux_call`` for FLUX)
+    latent_shape: tuple[int, ...] = (4, 8, 8)  # one example's x₀, for methods that start from noise
+
+    def __post_init__(self):
+        if not isinstance(self.process, Process):  # the ᾱ of a VP schedule
+            self.process = VP(self.process)
+
+    def denoiser(self, role: str, prediction_type: str | None = None) -> Denoiser:
+        """The role's network as a denoiser of the base model's process."""
+        return Denoiser(self.nets.view(role), self.process, prediction_type or self.prediction_type, self.call)
 
 
 class Method:

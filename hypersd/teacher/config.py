@@ -7,11 +7,16 @@ from dataclasses import dataclass
 from hypersd.data.emoji32 import STYLES
 from hypersd.errors import UserError
 
+TEACHER_HANDOFF = "train-state/teacher-unet.safetensors"
+FLOW_HANDOFF = "train-state/mini-flow.safetensors"
+PHASES = ("vae", "unet", "controlnet", "flow")
+
 
 @dataclass
 class TeacherConfig:
-    phase: str = "unet"              # "vae", "unet" (needs a trained VAE in run_dir/vae) or
-                                     # "controlnet" (the scribble ControlNet of the bundled model)
+    phase: str = "unet"              # "vae", "unet" (needs a trained VAE in run_dir/vae),
+                                     # "controlnet" (the scribble ControlNet of the bundled model) or
+                                     # "flow" (the mini flow model on the bundled teacher's VAE)
     run_dir: str = "runs/teacher"    # checkpoints, TensorBoard logs, trained parts
     data: str = "noto"               # the emoji32 style to train on (hypersd.data.emoji32.STYLES)
     init_from: str = ""              # unet phase: a diffusers pipeline folder, or "mini" (the bundled
@@ -33,14 +38,17 @@ class TeacherConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     seed: int = 0
-    handoff: str = "train-state/teacher-unet.safetensors"  # UNet weights + EMA kept in git between
-                                     # sessions: the bundled teacher's own (noto, no init_from) only
+    handoff: str = TEACHER_HANDOFF   # UNet weights + EMA kept in git between sessions: the
+                                     # bundled teacher's own (noto, no init_from) only; the flow
+                                     # phase's default is FLOW_HANDOFF
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     max_images: int = 0              # train on the first N images only (smoke tests); 0 = all
 
     def __post_init__(self):
-        if self.phase not in ("vae", "unet", "controlnet"):
-            raise UserError(f"phase must be 'vae', 'unet' or 'controlnet', not {self.phase!r}")
+        if self.phase not in PHASES:
+            raise UserError(f"phase must be one of {', '.join(PHASES)}; not {self.phase!r}")
+        if self.phase == "flow" and self.handoff == TEACHER_HANDOFF:
+            self.handoff = FLOW_HANDOFF  # the default: never the UNet teacher's file
         if self.steps <= 0 or self.batch_size <= 0:
             raise UserError("steps and batch_size must be positive")
         if self.data not in STYLES:

@@ -70,6 +70,7 @@ def _images(data: Emoji32, device, limit: int = 0) -> torch.Tensor:
     return to_signed_unit(data.images[:limit or None]).to(device)
 
 
+HANDOFF_PHASES = ("unet", "flow")  # phases whose weights + EMA can travel in git between machines
 INIT_RECORD = "unet-init.json"  # in run_dir: the pipeline a fine-tune started from
 
 
@@ -165,14 +166,23 @@ class _UnetTask:
             dists = [vae.encode(self.images[i:i + 512]).latent_dist for i in range(0, len(self.images), 512)]
         self.mean = torch.cat([d.mean for d in dists]) * vae.config.scaling_factor
         self.std = torch.cat([d.std for d in dists]) * vae.config.scaling_factor
-        self.text = encode_captions(data.captions[:len(self.images)]).to(device)
-        self.empty = encode_captions([""]).to(device)
+        self.text = self.encode(data.captions[:len(self.images)]).to(device)
+        self.empty = self.encode([""]).to(device)
         self.scheduler = build_scheduler()
         alphas = self.scheduler.alphas_cumprod.to(device)
         self.snr = alphas / (1 - alphas)
-        self.model = (UNet2DConditionModel.from_pretrained(init / "unet", use_safetensors=True,
-                                                           torch_dtype=torch.float32)
-                      if init else build_unet())
+        self.model = self.network(init)
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """The caption embeddings the network reads, one row per caption."""
+        return encode_captions(captions)
+
+    def network(self, init: Path | None):
+        """The network to train: ``init``'s UNet, else a new one."""
+        if init:
+            return UNet2DConditionModel.from_pretrained(init / "unet", use_safetensors=True,
+                                                        torch_dtype=torch.float32)
+        return build_unet()
 
     def loss(self, model, g: torch.Generator):
         cfg, n = self.cfg, self.cfg.batch_size
@@ -232,10 +242,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     if (last := checkpoint.latest(ckpt_dir, set_aside=accelerator.is_main_process)) is not None:
         start = _load_checkpoint(last, accelerator.unwrap_model(model), opt, lr_sched, ema)
         accelerator.print(f"resuming {cfg.phase} from step {start}")
-    elif cfg.phase == "unet" and cfg.uses_handoff and Path(cfg.handoff).exists():
+    elif cfg.phase in HANDOFF_PHASES and cfg.uses_handoff and Path(cfg.handoff).exists():
         start = _load_handoff(cfg.handoff, accelerator.unwrap_model(model), ema)
         lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps // 4)
-        accelerator.print(f"resuming unet from the handoff {cfg.handoff} at step {start} "
+        accelerator.print(f"resuming {cfg.phase} from the handoff {cfg.handoff} at step {start} "
                           "(fresh optimizer state)")
     accelerator.init_trackers(f"teacher-{cfg.phase}")
     began = time.time()
@@ -265,7 +275,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             _save_weights(accelerator.unwrap_model(model), ema, run_dir, cfg.phase, task)
             if out_of_time:
                 break
-    if cfg.phase == "unet" and cfg.uses_handoff and accelerator.is_main_process:
+    if cfg.phase in HANDOFF_PHASES and cfg.uses_handoff and accelerator.is_main_process:
         _save_handoff(cfg.handoff, accelerator.unwrap_model(model), ema, step + 1)
     accelerator.end_training()
     return run_dir
@@ -277,6 +287,9 @@ def _task(cfg: TeacherConfig, run_dir: Path, device):
     if cfg.phase == "controlnet":
         from hypersd.teacher.controlnet import ControlNetTask
         return ControlNetTask(cfg, run_dir, device)
+    if cfg.phase == "flow":
+        from hypersd.teacher.flow import FlowTask
+        return FlowTask(cfg, run_dir, device)
     return _UnetTask(cfg, run_dir, device)
 
 

@@ -18,7 +18,6 @@ import torch
 
 from hypersd.distill.consistency import ConsistencyConfig, ConsistencyLoss, Draw
 from hypersd.distill.data import Batch
-from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.methods.adversarial import AdversarialConfig, AdversarialTerm
 from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
 
@@ -87,8 +86,7 @@ class ConsistencyMethod(Method):
             segments=cfg.segments, t_end=rule.t_end, solver_points=cfg.solver_points, guidance=cfg.guidance,
             student_guidance=cfg.student_guidance, distance=rule.distance,
             huber_c=getattr(cfg, "huber_c", 0.001), boundary=rule.boundary, offset_noise=ctx.offset_noise))
-        self.student, self.teacher, self.target = (Denoiser(ctx.nets.view(r), ctx.alphas, ctx.prediction_type)
-                                                   for r in ("student", "teacher", "target"))
+        self.student, self.teacher, self.target = (ctx.denoiser(r) for r in ("student", "teacher", "target"))
         self.critic = (AdversarialTerm(cfg.adversarial, ctx.nets.teacher_features, ctx.probe)
                        if cfg.adversarial else None)
 

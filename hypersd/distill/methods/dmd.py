@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hypersd.distill.data import Batch, map_cond
-from hypersd.distill.denoiser import Denoiser, cat_cond, native
+from hypersd.distill.denoiser import cat_cond
 from hypersd.distill.methods.feedback import RewardLoss, RewardTerm
 from hypersd.distill.methods.gan import BottleneckGAN
 from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
@@ -121,10 +121,8 @@ class DMDMethod(Method):
         super().__init__(cfg, ctx)
         ctx.nets.add_role("fake", trainable=True)  # starts as the teacher [DMD §3.2]
         roles = ("student", "teacher", "fake", "target")
-        self.student, self.teacher, self.fake, self.anchor = (Denoiser(ctx.nets.view(r), ctx.alphas,
-                                                                       ctx.prediction_type) for r in roles)
-        config = ctx.nets.unet.config
-        self.shape = (config.in_channels, config.sample_size, config.sample_size)
+        self.student, self.teacher, self.fake, self.anchor = (ctx.denoiser(r) for r in roles)
+        self.shape = ctx.latent_shape
         self.pool = self._teacher_pool() if cfg.regression_weight or cfg.anchor_weight else None
         self.rewards = RewardLoss(cfg.rewards, ctx.vae) if cfg.rewards else None
         if self.rewards is not None and self.rewards.needs_references:
@@ -266,10 +264,9 @@ class DMDMethod(Method):
             with torch.no_grad():
                 d.generated = self.generate(d.z, d.cond)
         x = d.generated
-        a = self.fake.alpha(d.t_fake)
         pred = self.fake(self.teacher.noised(x, d.t_fake, d.eps_fake), d.t_fake, d.cond)
-        kind = self.ctx.prediction_type
-        loss = F.mse_loss(native(pred.x0, pred.eps, a, kind).float(), native(x, d.eps_fake, a, kind).float())
+        target = self.fake.target
+        loss = F.mse_loss(target(pred.x0, pred.eps, d.t_fake).float(), target(x, d.eps_fake, d.t_fake).float())
         return loss, {"fake": loss.item()}
 
     @torch.no_grad()

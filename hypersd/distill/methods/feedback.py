@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from hypersd.distill.data import Batch
-from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
-from hypersd.distill.schedule import ddim_step, tcd_timesteps
+from hypersd.distill.schedule import tcd_timesteps
 from hypersd.rewards import check_reward, load_reward
 
 
@@ -110,10 +109,8 @@ class FeedbackMethod(Method):
         super().__init__(cfg, ctx)
         self.rewards = RewardLoss(cfg.rewards, ctx.vae)
         self.needs_images = self.rewards.needs_references
-        self.student, self.anchor = (Denoiser(ctx.nets.view(r), ctx.alphas, ctx.prediction_type)
-                                     for r in ("student", "target"))
-        config = ctx.nets.unet.config
-        self.shape = (config.in_channels, config.sample_size, config.sample_size)
+        self.student, self.anchor = (ctx.denoiser(r) for r in ("student", "target"))
+        self.shape = ctx.latent_shape
 
     def sample(self, batch: Batch, g: torch.Generator) -> FeedbackDraw:
         n, counts = len(batch.prompts), self.cfg.step_counts
@@ -156,11 +153,9 @@ class FeedbackMethod(Method):
         x = d.z
         for j in range(d.i):
             (t, s), t_next = pairs[j], pairs[j + 1][0]
-            pred = self.student(x, torch.full((len(x),), t, device=x.device), d.cond)
-            a_s, a_next = (float(self.student.alpha(torch.tensor([v]))) for v in (s, t_next))
-            x_s = ddim_step(pred.x0, pred.eps, a_s)
-            ratio = a_next / a_s
-            x = ratio ** 0.5 * x_s + (1 - ratio) ** 0.5 * d.renoise[:, j]
+            at = lambda v: torch.full((len(x),), v, device=x.device)  # noqa: E731
+            x_s = self.student.step(self.student(x, at(t), d.cond), at(s))
+            x = self.student.process.renoise(x_s, at(s), at(t_next), d.renoise[:, j])
         return x
 
     def export_info(self):

@@ -27,10 +27,10 @@ import torch
 
 from hypersd import checkpoint
 from hypersd.distill.data import Batch
-from hypersd.distill.denoiser import PREDICTION_TYPES, Denoiser
+from hypersd.distill.denoiser import PREDICTION_TYPES
 from hypersd.distill.methods.adversarial import AdversarialConfig, AdversarialTerm
 from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
-from hypersd.distill.schedule import T, ddim_step, progressive_path, trailing_timesteps
+from hypersd.distill.schedule import T, progressive_path, trailing_timesteps
 
 
 @dataclass
@@ -93,8 +93,8 @@ class ProgressiveMethod(Method):
         self.grid = torch.as_tensor(list(trailing_timesteps(cfg.student_steps)) + [-1])
         self.teacher_role = self._teacher_role(ctx, cfg.teacher)
         prediction = cfg.prediction or ctx.prediction_type
-        self.student = Denoiser(ctx.nets.view("student"), ctx.alphas, prediction)
-        self.teacher = Denoiser(ctx.nets.view(self.teacher_role), ctx.alphas, ctx.prediction_type)
+        self.student = ctx.denoiser("student", prediction)
+        self.teacher = ctx.denoiser(self.teacher_role)
         self.critics = self._critics(cfg.adversarial, ctx) if cfg.adversarial else {}
         self._critic = self.critic_at(0)  # the phase's discriminator, set by ``phases(step)``
 
@@ -187,8 +187,7 @@ class ProgressiveMethod(Method):
         return self.teacher.solve(x_t, path.to(x_t.device), d.cond, *guided)
 
     def student_step(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: dict) -> torch.Tensor:
-        pred = self.student(x_t, t, cond)
-        return ddim_step(pred.x0, pred.eps, self.student.alpha(s).reshape(-1, 1, 1, 1).to(x_t.dtype))
+        return self.student.step(self.student(x_t, t, cond), s)
 
     def loss(self, phase: str, d: ProgressiveDraw):
         if phase != "student":  # the discriminator learns from the student phase's candidates

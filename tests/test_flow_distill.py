@@ -69,8 +69,10 @@ def test_trailing_grid_is_what_the_pipeline_samples_at():
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-@pytest.mark.parametrize("method, extra", [("tscd", {"segments": 2}), ("lcm", {}), ("pcm", {"segments": 2}),
-                                           ("dmd", {"regression_weight": 0.0})])
+@pytest.mark.parametrize("method, extra", [
+    ("tscd", {"segments": 2}), ("lcm", {}), ("pcm", {"segments": 2}), ("dmd", {"regression_weight": 0.0}),
+    ("tscd", {"segments": 2, "distance_weight": 0.5, "adversarial": {"weight": 0.5, "lr": 1e-3}}),
+    ("dmd2", {"update_ratio": 1, "gan_weight": 0.5})])
 def test_each_method_trains_a_flow_model_and_exports_a_lora_stock_diffusers_loads(tmp_path, family, method, extra):
     pipe = BUILD[family]()
     run = _run(tmp_path, [StageConfig.make(method=method, steps=2, batch_size=2, lr=1e-3, **extra)])
@@ -122,3 +124,16 @@ def test_family_reads_the_pipeline():
     assert (fam.name, fam.flow, fam.resolution, fam.latent_shape, fam.lora_prefix) == \
         ("flux", True, 16, (4, 8, 8), "transformer")
     assert family_of(tiny_sd3()).name == "sd3"
+
+
+@pytest.mark.parametrize("family, count, side", [("flux", 2, 4), ("sd3", 2, 4)])
+def test_token_features_are_grids_after_each_block_with_gradient(family, count, side):
+    """FLUX: after its double block and its last single block (2x2-packed, 4x4 tokens); SD3: after
+    each of its 2 joint blocks (patch 2: 4x4 tokens). The features reach back to x."""
+    pipe = BUILD[family]()
+    fam = family_of(pipe)
+    x = torch.randn(2, *fam.latent_shape, requires_grad=True)
+    feats = fam.features(fam.net, x, torch.tensor([999, 10]), prompt_cond(pipe, fam, ["a", "b"]))
+    assert len(feats) == count and all(f.shape[0] == 2 and f.shape[-2:] == (side, side) for f in feats)
+    feats[0].sum().backward()
+    assert x.grad.abs().sum() > 0

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from hypersd.distill.denoiser import unet_call
+from hypersd.distill.process import Process, process_of
 from hypersd.models.flux import flux_call
 
 # FLUX's and SD3's attention and feed-forward projections [the Hyper-SD3/FLUX and
@@ -36,7 +37,15 @@ class Family:
     resolution: int                    # the image side it is trained at, in pixels
     latent_shape: tuple[int, int, int]
     lora_prefix: str                   # "unet" | "transformer"
+    process: Process                   # its scheduler's forward process
     max_sequence_length: int = 0       # SD3/FLUX: tokens of the T5-role encoder (0: not used)
+
+    def features(self, net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> list[torch.Tensor]:
+        """Feature maps of ``net`` at integer timesteps ``t``, for adversarial heads."""
+        from hypersd.distill.methods.adversarial import encoder_features, token_features
+        if not self.flow:
+            return encoder_features(net, x, self.process.net_time(t), cond)
+        return token_features(net, x, self.process.net_time(t), cond, self.call)
 
     @property
     def flow(self) -> bool:
@@ -56,7 +65,8 @@ def family_of(pipe) -> Family:
     if hasattr(pipe, "unet"):
         res = pipe.unet.config.sample_size * scale
         name = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
-        return Family(name, pipe.unet, unet_call, res, (channels, res // scale, res // scale), "unet")
+        return Family(name, pipe.unet, unet_call, res, (channels, res // scale, res // scale), "unet",
+                      process_of(pipe.scheduler))
     name = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}.get(type(pipe).__name__)
     if name is None:
         raise ValueError(f"{type(pipe).__name__} cannot be distilled here: use an SD1.5, SDXL, SD3 or "
@@ -65,7 +75,7 @@ def family_of(pipe) -> Family:
     tok = pipe.tokenizer_3 if name == "sd3" else pipe.tokenizer_2
     seq = min(512, tok.model_max_length) if tok is not None else 0
     return Family(name, pipe.transformer, flux_call if name == "flux" else sd3_call, res,
-                  (channels, res // scale, res // scale), "transformer", seq)
+                  (channels, res // scale, res // scale), "transformer", process_of(pipe.scheduler), seq)
 
 
 @torch.no_grad()

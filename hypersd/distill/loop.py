@@ -36,7 +36,6 @@ from hypersd.distill.data import emoji32_examples
 from hypersd.distill.export import save_lora
 from hypersd.distill.family import TRANSFORMER_LORA_TARGETS, Family, family_of
 from hypersd.distill.networks import Networks
-from hypersd.distill.process import process_of
 from hypersd.distill.protocol import StageContext, methods
 from hypersd.distill.recipe import LCM_LORA_TARGETS, RunConfig
 from hypersd.errors import UserError
@@ -88,9 +87,8 @@ def setup(run: RunConfig, accelerator: Accelerator, examples=None, pipe=None):
     if run.gradient_checkpointing:
         fam.net.enable_gradient_checkpointing()
     set_seed(run.seed)  # the LoRA's random A matrices: the same on every process
-    nets = Networks(fam.net, lora_config(run, fam))
-    process = process_of(pipe.scheduler)
-    ctx = StageContext(nets, process, "flow" if fam.flow else pipe.scheduler.config.prediction_type,
+    nets = Networks(fam.net, lora_config(run, fam), feature_fn=fam.features)
+    ctx = StageContext(nets, fam.process, "flow" if fam.flow else pipe.scheduler.config.prediction_type,
                        run.offset_noise, probe=examples.sample(2, torch.Generator().manual_seed(0)),
                        data=examples, vae=pipe.vae.requires_grad_(False), call=fam.call,
                        latent_shape=fam.latent_shape)

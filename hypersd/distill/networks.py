@@ -43,8 +43,10 @@ class _View:
 
 
 class Networks:
-    def __init__(self, unet, lora: LoraConfig | None):
+    def __init__(self, unet, lora: LoraConfig | None, feature_fn=None):
+        from hypersd.distill.methods.adversarial import encoder_features
         self.unet = unet.requires_grad_(False)
+        self.feature_fn = feature_fn or encoder_features  # (network, x, t, cond) -> feature maps
         self.lora = lora
         self._callers: dict[str, object] = {}
         self._layers: list[BaseTunerLayer] = []
@@ -251,15 +253,15 @@ class Networks:
         return self.features("teacher", x, t, cond)
 
     def features(self, role: str, x, t, cond) -> list[torch.Tensor]:
-        """``role``'s encoder features: each down block's output and the mid block's."""
-        from hypersd.distill.methods.adversarial import encoder_features
+        """``role``'s features (``feature_fn``): a UNet's down blocks' and mid block's outputs, a
+        transformer's image tokens after its blocks."""
         if self._sharded(role):
             raise UserError(f"encoder features are read from the {role}'s UNet blocks, which FSDP "
                             "shards here: use data parallelism (DDP) for adversarial and GAN terms")
         if self.lora is None:
-            return encoder_features(self._modules[role], x, t, cond)
+            return self.feature_fn(self._modules[role], x, t, cond)
         self.activate(None if role == "teacher" else role)
-        return encoder_features(self.unet, x, t, cond)
+        return self.feature_fn(self.unet, x, t, cond)
 
 
 def _fold(layer: BaseTunerLayer, role: str) -> torch.nn.Module:

@@ -50,6 +50,23 @@ def encoder_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> list
     return feats
 
 
+def token_features(net, x: torch.Tensor, t: torch.Tensor, cond: dict, call) -> list[torch.Tensor]:
+    """A FLUX or SD3 transformer's image-token states after each double-stream (joint) block and
+    after its last single-stream block, as (B, D, h, w) grids: the transformer's analogue of a
+    UNet's encoder levels. ``t`` is the network's time; ``call`` its call convention."""
+    singles = list(getattr(net, "single_transformer_blocks", []))[-1:]
+    feats: list[torch.Tensor] = []
+    grab = lambda module, args, out: feats.append(out[-1] if isinstance(out, tuple) else out)  # noqa: E731
+    hooks = [b.register_forward_hook(grab) for b in [*net.transformer_blocks, *singles]]
+    try:
+        call(net, x, t, cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    side = lambda n: int(round((n * x.shape[-2] / x.shape[-1]) ** 0.5))  # noqa: E731 (tokens per column)
+    return [f.transpose(1, 2).reshape(len(f), f.shape[-1], side(f.shape[1]), -1) for f in feats]
+
+
 class FeatureHead(nn.Sequential):
     """4x4 stride-2 conv + GroupNorm + SiLU, then a 1x1 conv to one logit per position."""
 

@@ -17,8 +17,9 @@ def _generate(args) -> None:
     check_writable(args.out)  # before the work, not after it
     result = generate(args.prompts, model=args.model, loras=args.lora or [], recipe=args.recipe,
                       steps=args.steps, sampler=args.sampler, eta=args.eta, guidance=args.guidance,
-                      negative=args.negative, seed=args.seed, batch=args.batch, config=args.config,
-                      unet=args.unet, lora_dir=args.lora_dir,
+                      distilled_guidance=args.distilled_guidance, negative=args.negative, seed=args.seed,
+                      batch=args.batch, config=args.config, unet=args.unet, lora_dir=args.lora_dir,
+                      width=args.width, height=args.height,
                       controlnets=pair_controls(args.controlnet, args.control_image, args.control_scale))
     paths = result.save(args.out)
     print(f"wrote {len(paths) - 1} image(s) and the grid {paths[-1]}")
@@ -27,7 +28,7 @@ def _generate(args) -> None:
 def _recipes(args) -> None:
     from hypersd.generate.recipes import load_recipes
     for name, recipe in load_recipes().items():
-        print(f"{name:24s} {recipe.description}")
+        print(f"{name:27s} {recipe.models_named():11s} {recipe.description}")
 
 
 def _demo(args) -> None:
@@ -137,6 +138,14 @@ def _bench(args) -> None:
             print(f"{row['case']:24s} {row['method']:5s} step / floor = {row['step_over_floor']:.3f}")
         print(f"wrote {args.out}/train_cost.md")
         return
+    if args.what == "realsize":
+        from hypersd.bench.realsize import RealSizeConfig, bench_realsize
+        cfg = RealSizeConfig(model=args.model or "sd15", out_dir=f"{args.out}/realsize")
+        if args.case:
+            cfg.cases = tuple(args.case)
+        bench_realsize(cfg)
+        print(f"wrote {cfg.out_dir}/{cfg.model}.md")
+        return
     from hypersd.bench.speed import SpeedConfig, bench_speed
     cfg = SpeedConfig(model=args.model, repeats=args.repeats, out_dir=args.out, threads=args.threads,
                       lora=args.lora, speedup=args.speedup)
@@ -236,9 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", help="a named preset (see `hypersd recipes`); default: the one the "
                    "LoRA or --unet was made for (said on stderr), else 'teacher'")
     g.add_argument("--steps", type=int)
-    g.add_argument("--sampler", help="ddim | euler | lcm | tcd")
+    g.add_argument("--sampler", help="ddim | euler | lcm | tcd (SD1.5/SDXL) | flow_euler (SD3, FLUX, Qwen-Image)")
     g.add_argument("--eta", type=float)
-    g.add_argument("--guidance", type=float)
+    g.add_argument("--guidance", type=float, help="classifier-free guidance (FLUX, Qwen-Image: true CFG)")
+    g.add_argument("--distilled-guidance", type=float, metavar="G",
+                   help="a guidance-distilled transformer's guidance (FLUX.1-dev's guidance_scale)")
+    g.add_argument("--width", type=int, help="image width in pixels (with --height; default: the model's)")
+    g.add_argument("--height", type=int, help="image height in pixels (with --width)")
     g.add_argument("--negative", help="negative prompt (with guidance > 1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
@@ -296,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--out", dest="out_dir", help="default: benchmarks/controlnet")
     vc.set_defaults(func=_eval_control)
 
-    sp = sub.add_parser("bench", help="benchmarks: `bench speed`, `bench train-cost`")
-    sp.add_argument("what", choices=["speed", "train-cost"])
+    sp = sub.add_parser("bench", help="benchmarks: `bench speed`, `bench train-cost`, `bench realsize`")
+    sp.add_argument("what", choices=["speed", "train-cost", "realsize"])
     sp.add_argument("--model")
     sp.add_argument("--repeats", type=_at_least(1), default=7)
     sp.add_argument("--threads", type=_at_least(0), default=0, help="0: torch's default")
@@ -306,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train-cost: a recipe and stage index to time (repeatable; default: one stage "
                          "of each method)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="train-cost: override a recipe field")
+    sp.add_argument("--case", action="append", help="realsize: tscd, tscd+gc, tscd+bf16, tscd+gc+bf16, dmd, "
+                    "dmd+gc+bf16 (repeatable; default: all); --model sd15 (default) or sdxl")
     sp.add_argument("--lora", metavar="PATH", help="speed: the student's LoRA (default: the bundled one on the "
                     "mini model; 'none' for none)")
     sp.add_argument("--speedup", choices=list(SPEEDUPS), default="trace",

@@ -25,19 +25,11 @@ from diffusers.utils.peft_utils import get_peft_kwargs
 from hypersd.distill.export import save_lora
 from hypersd.distill.recipe import LCM_LORA_TARGETS
 from hypersd.lora.tools import merge, read_lora, rescale, to_format, unet_module_names, write_lora
+from hypersd.models.real import SD15_UNET, SDXL_UNET
 from hypersd.testing import tiny_sdxl
 
 RANK, ALPHA = 4, 2.0
-SD15 = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8)
-SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-            use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+SD15, SDXL = SD15_UNET, SDXL_UNET
 CONFIGS = {"sd15": SD15, "sdxl": SDXL}
 LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 

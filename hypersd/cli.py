@@ -59,14 +59,22 @@ def _train_teacher(args) -> None:
     if cfg.phase == "controlnet":
         from hypersd.teacher.controlnet import export_controlnet
         print(f"exported {export_controlnet(run_dir, **folder)}")
+    if cfg.phase == "flow":
+        from hypersd.teacher.flow import export_flow_pipeline
+        print(f"exported {export_flow_pipeline(run_dir, **folder)}")
 
 
 def _export_teacher(args) -> None:
-    from hypersd.teacher import export_pipeline
-    print(f"exported {export_pipeline(args.run_dir, args.out)}")
+    if args.phase == "flow":
+        from hypersd.teacher.flow import MINI_FLOW_DIR, export_flow_pipeline
+        print(f"exported {export_flow_pipeline(args.run_dir, args.out or MINI_FLOW_DIR)}")
+    else:
+        from hypersd.models.mini import MINI_DIR
+        from hypersd.teacher import export_pipeline
+        print(f"exported {export_pipeline(args.run_dir, args.out or MINI_DIR)}")
     if args.handoff:
         from hypersd.teacher.train import handoff_from_checkpoint
-        step = handoff_from_checkpoint(args.run_dir, args.handoff)
+        step = handoff_from_checkpoint(args.run_dir, args.handoff, args.phase)
         print(f"wrote {args.handoff} (step {step})")
 
 
@@ -363,12 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="default: the style's folder in hypersd/assets")
     b.set_defaults(func=_data)
 
-    t = sub.add_parser("train-teacher", help="train the mini teacher (phase vae, then unet) and its "
-                       "scribble ControlNet (phase controlnet)")
+    t = sub.add_parser("train-teacher", help="train the mini teacher (phase vae, then unet), its "
+                       "scribble ControlNet (phase controlnet) and the mini flow model (phase flow)")
     from hypersd.teacher.config import TeacherConfig
     _add_config_flags(t, TeacherConfig)
     t.add_argument("--export", action="store_true",
-                   help=f"after the unet phase, write {MINI_DIR}; after controlnet, its mini-controlnet beside it")
+                   help=f"after the unet phase, write {MINI_DIR}; after controlnet or flow, mini-controlnet "
+                   "or mini-flow beside it")
     t.add_argument("--export-to", metavar="FOLDER",
                    help="after the unet or controlnet phase, write it to FOLDER instead (a fine-tune's "
                    "pipeline keeps its --init-from's VAE)")
@@ -391,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-teacher", help="write a run's VAE + EMA UNet as the pipeline folder "
                        "(a fine-tune's VAE is its --init-from's)")
     e.add_argument("--run-dir", default="runs/teacher")
-    e.add_argument("--out", default=str(MINI_DIR))
+    e.add_argument("--phase", choices=["unet", "flow"], default="unet",
+                   help="flow: the mini flow model's EMA transformer as a FluxPipeline folder")
+    e.add_argument("--out", help=f"default: {MINI_DIR} (flow: mini-flow beside it)")
     e.add_argument("--handoff", help="also write this handoff file from the latest checkpoint")
     e.set_defaults(func=_export_teacher)
     return parser

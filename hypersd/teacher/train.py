@@ -301,15 +301,20 @@ def _save_handoff(path: str, model, ema, step: int) -> None:
         save_file(tensors, tmp, metadata={"step": str(step), "ema_step": str(ema.optimization_step)})
 
 
-def handoff_from_checkpoint(run_dir: str | Path, path: str) -> int:
-    """Write the handoff file from the latest UNet checkpoint (e.g. after stopping a run)."""
+def handoff_from_checkpoint(run_dir: str | Path, path: str, phase: str = "unet") -> int:
+    """Write the handoff file from the latest checkpoint of ``phase`` ("unet" or "flow"), e.g.
+    after stopping a run."""
     if init_from := run_init(run_dir):
         raise UserError(f"{run_dir} is a fine-tune of {init_from!r}: the handoff keeps the bundled "
                         "teacher's own training, not a fine-tune's")
-    last = checkpoint.latest(Path(run_dir) / "unet-checkpoints")
+    last = checkpoint.latest(Path(run_dir) / f"{phase}-checkpoints")
     if last is None:
-        raise UserError(f"no UNet checkpoint under {run_dir}")
-    model = build_unet()
+        raise UserError(f"no {phase} checkpoint under {run_dir}")
+    if phase == "flow":
+        from hypersd.models.mini_flow import build_transformer
+        model = build_transformer()
+    else:
+        model = build_unet()
     model.load_state_dict(last.state("model"))
     ema = EMAModel(model.parameters())
     ema.load_state_dict(last.state("ema"))

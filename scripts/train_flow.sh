@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The command that made the bundled mini flow model (hypersd/assets/mini-flow): rectified flow
+# on the bundled teacher's VAE latents, a FLUX-shaped transformer (hypersd/models/mini_flow.py).
+# It resumes from its latest checkpoint in runs/mini-flow, and on another machine from
+# train-state/mini-flow.safetensors (weights + EMA). Pass e.g. --max-minutes 100 to stop, after a
+# checkpoint, within a time budget; --threads 1 leaves a core free.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/hypersd train-teacher --phase flow --run-dir runs/mini-flow --steps 60000 \
+    --checkpoint-every 1000 --export "$@"

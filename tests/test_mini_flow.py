@@ -1,0 +1,42 @@
+"""The mini flow model's training phase: it trains, resumes, hands off across machines and
+exports a stock FluxPipeline folder whose text encoder slots take MiniLM."""
+
+import torch
+from diffusers import FluxPipeline
+
+from hypersd.models.mini_flow import load_flow_text_encoder
+from hypersd.teacher import TeacherConfig, train_teacher
+from hypersd.teacher.config import FLOW_HANDOFF, TEACHER_HANDOFF
+from hypersd.teacher.flow import export_flow_pipeline
+from hypersd.teacher.train import handoff_from_checkpoint
+
+
+def test_flow_phase_has_its_own_handoff():
+    assert TeacherConfig(phase="flow").handoff == FLOW_HANDOFF != TEACHER_HANDOFF
+    assert TeacherConfig(phase="flow", handoff="x.safetensors").handoff == "x.safetensors"
+
+
+def test_flow_phase_trains_resumes_hands_off_and_exports(tmp_path):
+    handoff = tmp_path / "flow.safetensors"
+    common = dict(phase="flow", run_dir=str(tmp_path / "run"), batch_size=4, max_images=16, checkpoint_every=2,
+                  warmup_steps=1, handoff=str(handoff), threads=1)
+    train_teacher(TeacherConfig(steps=2, **common))
+    train_teacher(TeacherConfig(steps=4, **common))  # resumes from step 2
+    assert sorted(p.name for p in (tmp_path / "run" / "flow-checkpoints").iterdir()) == \
+        ["step-00000002", "step-00000004"]
+    assert handoff.exists()
+    assert handoff_from_checkpoint(tmp_path / "run", str(tmp_path / "again.safetensors"), "flow") == 4
+    # another machine: no checkpoints, the handoff file only
+    moved = dict(common, run_dir=str(tmp_path / "elsewhere"))
+    train_teacher(TeacherConfig(steps=5, **moved))
+    assert [p.name for p in (tmp_path / "elsewhere" / "flow-checkpoints").iterdir()] == ["step-00000005"]
+
+    out = export_flow_pipeline(tmp_path / "run", tmp_path / "pipe")
+    tok, enc = load_flow_text_encoder()
+    pipe = FluxPipeline.from_pretrained(out, text_encoder=enc, text_encoder_2=enc, tokenizer=tok,
+                                        tokenizer_2=tok, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("rocket", negative_prompt="", true_cfg_scale=3.0, max_sequence_length=32, height=32,
+                 width=32, num_inference_steps=2).images[0]
+    assert image.size == (32, 32)
+    assert pipe.vae.config.shift_factor == 0.0 and pipe.transformer.dtype == torch.float32

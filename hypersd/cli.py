@@ -126,7 +126,8 @@ def _eval(args) -> None:
                      steps=parse_steps(args.steps), label=args.label,
                      split=args.split, data=args.data, samples=args.samples, seed=args.seed, out_dir=args.out,
                      clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward,
-                     inception=args.inception, rewards=args.reward or [])
+                     inception=args.inception, rewards=args.reward or [], prompts=args.prompts,
+                     reference=args.reference)
     rows = run_eval(cfg)
     from hypersd.evaluate import markdown_table
     print(markdown_table(rows))
@@ -166,14 +167,33 @@ def _serve(args) -> None:
     serve(_config_from_flags(ServeConfig, args))
 
 
+def _with_data(run, source: str | None):
+    """``run`` with ``--data SOURCE`` as its data source (taken as given, not parsed as YAML)."""
+    if source is not None:
+        run.data = dataclasses.replace(run.data, source=source)
+    return run
+
+
 def _distill(args) -> None:
     from hypersd.distill.loop import distill
     from hypersd.distill.recipe import load_run
-    run = load_run(args.recipe, args.set or [])
+    run = _with_data(load_run(args.recipe, args.set or []), args.data)
     paths = distill(run)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         for path in paths:
             print(f"wrote {path}")
+
+
+def _cache(args) -> None:
+    import torch
+
+    from hypersd.distill.cache import ensure_cache
+    from hypersd.distill.recipe import load_data_settings
+    from hypersd.generate.loading import load_pipeline
+    model, data = load_data_settings(args.recipe_or_model, args.set or [])
+    data = dataclasses.replace(data, source=args.data) if args.data else data
+    folder, _ = ensure_cache(load_pipeline(model, dtype=torch.float32), data)
+    print(f"cached latents in {folder}")
 
 
 def _lora(args) -> None:
@@ -270,7 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("recipe", help="a YAML file or a bundled recipe name (e.g. hyper-sd-mini)")
     ds.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a recipe field, e.g. stages.0.steps=100 (repeatable)")
+    ds.add_argument("--data", metavar="SOURCE", help="training data: a folder with metadata.jsonl, a saved "
+                    "Hugging Face dataset or hf:NAME, .tar shards (a folder or shards/{000..009}.tar), "
+                    "a .txt of prompts, or emoji32 (the recipe's data.source; default emoji32)")
     ds.set_defaults(func=_distill)
+
+    ca = sub.add_parser("cache", help="encode a data source's images and captions into the latent cache")
+    ca.add_argument("recipe_or_model", metavar="RECIPE_OR_MODEL",
+                    help="a distill recipe (its model and data settings) or a model ('mini', a folder, a hub id)")
+    ca.add_argument("--data", metavar="SOURCE", help="the images: a folder with metadata.jsonl, a saved "
+                    "Hugging Face dataset or hf:NAME, or .tar shards (default: the recipe's data.source)")
+    ca.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. data.crop=random (repeatable)")
+    ca.set_defaults(func=_cache)
 
     lo = sub.add_parser("lora", help="rescale, merge or convert LoRA files (diffusers/kohya)")
     lo.add_argument("action", choices=["convert", "rescale", "merge"])
@@ -281,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="output precision (default: the input's)")
     lo.set_defaults(func=_lora)
 
-    v = sub.add_parser("eval", help="quality against steps on the emoji32 evaluation split")
+    v = sub.add_parser("eval", help="quality against steps on the emoji32 evaluation split or a prompt file")
     v.add_argument("--model")
     v.add_argument("--unet", help="a UNet folder or .safetensors file replacing the model's")
     v.add_argument("--lora", action="append", metavar="PATH[:SCALE]")
@@ -295,7 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default="eval", help="eval | distill | all")
     v.add_argument("--data", default="noto", metavar="STYLE",
                    help="the emoji32 style FD compares against: noto | twemoji (a model fine-tuned on it)")
-    v.add_argument("--samples", type=int, default=840, help="images per step count")
+    v.add_argument("--samples", type=int, help="images per step count (default: 840 on emoji32, one per "
+                   "prompt of --prompts)")
+    v.add_argument("--prompts", metavar="FILE", help="evaluate on these prompts (one a line) with the real "
+                   "metrics given (--clip, --aesthetic, --imagereward, --inception) instead of emoji32")
+    v.add_argument("--reference", metavar="FOLDER", help="images FID/KID compare with (with --prompts: needed "
+                   "for --inception)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default="outputs/eval")
     v.add_argument("--clip", metavar="MODEL", help="CLIP folder or hub id: adds CLIP score")

@@ -1,4 +1,4 @@
-"""``hypersd eval``: quality against steps on the emoji32 evaluation split.
+"""``hypersd eval``: quality against steps, on the emoji32 evaluation split or any prompt file.
 
 For each step count, N images are generated (the split's prompts in turn, seeds counting up
 from ``seed``), saved as PNGs (an interrupted run reuses them) and scored with the emoji
@@ -6,6 +6,12 @@ network: FD to the dataset (of the style named by ``data``, with that style's ne
 model fine-tuned on Twemoji is compared with Twemoji by a network that knows Twemoji), FD to the teacher's own 25-step samples of the same prompts and
 seeds, top-1/top-5 prompt adherence and diversity, each with a 95% bootstrap interval. Rows
 accumulate in ``results.json`` so one table compares every method evaluated into the folder.
+
+With ``prompts`` (a text file, one prompt a line) any model is evaluated on those prompts with
+the real-model metrics whose weights are given (CLIP score, LAION aesthetic, ImageReward,
+FID/KID to a ``reference`` folder of images); the emoji network, which knows only emoji32's
+captions, is not used. ``table-real.md`` then has Hyper-SD's shape: CLIP / aesthetic /
+ImageReward of each method at each step count.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from hypersd.errors import UserError
 from hypersd.files import check_writable, write_file, writing
 from hypersd.generate import load_loras, load_pipeline, resolve_recipe, run_pipeline
 from hypersd.generate.grid import make_grid
+from hypersd.distill.sources import read_prompts
 from hypersd.generate.loading import check_lora_file, load_unet, parse_lora
 
 REFERENCE = ("teacher", 25)  # (recipe, steps) of the teacher reference set
@@ -46,7 +53,11 @@ class EvalConfig:
     label: str | None = None                 # row name; default: the recipe (plus LoRA file)
     split: str = "eval"
     data: str = "noto"                       # the emoji32 style FD compares against
-    samples: int = 840                       # images per step count (eval split: 2 per prompt)
+    samples: int | None = None               # images per step count; default: 840 (eval split: 2 per
+                                             # prompt), or one per prompt of a prompt file
+    prompts: str | None = None               # a text file of prompts, one a line: real metrics only
+    reference: str | None = None             # a folder of images FID/KID compare with (default: the
+                                             # split's emoji32 images; a prompt file needs one)
     seed: int = 0
     batch: int = 105
     out_dir: str = "outputs/eval"
@@ -61,6 +72,8 @@ class EvalConfig:
     rewards: list[str] = field(default_factory=list)  # mini rewards (hypersd.rewards): mean score
 
     def __post_init__(self):
+        if self.samples is None:
+            self.samples = len(read_prompts(self.prompts)) if self.prompts else 840
         counts = {"--steps": self.steps, "--step-lora": list(self.step_loras),
                   "--step-unet": list(self.step_unets)}
         for flag, steps in counts.items():
@@ -75,6 +88,12 @@ class EvalConfig:
         for spec in self.loras + list(self.step_loras.values()):
             parse_lora(spec)  # a scale that is not a finite number fails here, before any work
         get_style(self.data)  # an unknown style fails here
+        if self.prompts and not (self.clip or self.aesthetic or self.imagereward or self.inception):
+            raise UserError(f"--prompts {self.prompts}: the emoji network scores emoji32 captions only; "
+                            "pass a real metric's weights: --clip, --aesthetic, --imagereward or --inception")
+        if self.prompts and self.inception and not self.reference:
+            raise UserError("--inception with --prompts: FID/KID need images to compare with: pass "
+                            "--reference FOLDER")
 
 
 def parse_steps(text: str) -> list[int]:
@@ -159,12 +178,24 @@ def reference_images(prompts: list[str], split: str, style: str = "noto"):
     return to_signed_unit(data.images[[first[p] for p in prompts]])
 
 
-def _prompts(split: str, n: int) -> list[str]:
-    try:
-        prompts = load_style().prompts(split)  # every style has the same captions and split
-    except ValueError as e:
-        raise UserError(str(e)) from e
-    return [prompts[i % len(prompts)] for i in range(n)]
+def _prompts(cfg: EvalConfig) -> list[str]:
+    """The prompt of each image: the file's or the split's, in turn, ``samples`` of them."""
+    if cfg.prompts:
+        prompts = read_prompts(cfg.prompts)
+    else:
+        try:
+            prompts = load_style().prompts(cfg.split)  # every style has the same captions and split
+        except ValueError as e:
+            raise UserError(str(e)) from e
+    return [prompts[i % len(prompts)] for i in range(cfg.samples)]
+
+
+def reference_folder_images(folder: str) -> list[Image.Image]:
+    """The images of a folder (png, jpg, jpeg, webp), for FID/KID."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not paths:
+        raise UserError(f"--reference {folder}: no .png, .jpg or .webp images there")
+    return [Image.open(p).convert("RGB") for p in paths]
 
 
 def _seeds(seed: int, prompts: list[str]) -> list[int]:
@@ -190,78 +221,128 @@ def generate_set(pipe, recipe, prompts, seeds, folder: Path, batch: int, desc: s
     return [Image.open(p).convert("RGB") for p in paths]
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Evaluate one model/LoRA/recipe at each step count; return all rows of the folder."""
-    from hypersd.metrics.classifier import classifier_dir
-    from hypersd.metrics.mini import MiniMetrics
+class Scoring:
+    """What every row is scored with: the emoji network (emoji32 prompts), the real metrics and
+    rewards whose weights are given, and the reference sets FD, FID and KID compare with."""
 
-    out = Path(cfg.out_dir)
+    def __init__(self, cfg: EvalConfig):
+        from hypersd.metrics.classifier import classifier_dir
+        from hypersd.metrics.mini import MiniMetrics
+        self.cfg, self.mini, self.teacher = cfg, None, None
+        data = None if cfg.prompts else load_style(cfg.data)
+        if data is not None:
+            try:
+                self.mini = MiniMetrics(cfg.classifier or classifier_dir(cfg.data), data=data)
+            except FileNotFoundError as e:
+                raise UserError(str(e)) from e
+        self.scorers, self.rewards = real_metrics(cfg), load_rewards(cfg.rewards)
+        self.data_features = None
+        if "fid" in self.scorers:
+            refs = (reference_folder_images(cfg.reference) if cfg.reference else
+                    [Image.fromarray(data.images[i]) for i in data.indices(cfg.split)])
+            self.data_features = self.scorers["fid"].features(refs)
+
+    def row(self, images, prompts: list[str]) -> dict:
+        cfg, row = self.cfg, {}
+        if self.mini is not None:
+            scored = self.mini.score(images, prompts)
+            row = self.mini.report(scored, prompts)
+            row["fd_teacher"] = self.mini.fd(scored.features, self.teacher)
+            row["fd_teacher_ci"] = _fd_ci(self.mini, scored.features, self.teacher)
+        row.update(score_real(self.scorers, images, prompts, self.data_features))
+        if self.rewards:
+            row.update(score_rewards(self.rewards, images, prompts, cfg.split, data=cfg.data))
+        return row
+
+
+class _Students:
+    """Puts each step count's student in the pipeline: its UNet, its LoRAs at their scales
+    (loading only what changes from one step count to the next)."""
+
+    def __init__(self, cfg: EvalConfig, pipe, recipes: dict):
+        self.cfg, self.pipe, self.recipes = cfg, pipe, recipes
+        self.base_unet = getattr(pipe, "unet", None)
+        self.unet, self.loaded = None, None
+
+    def at(self, n: int) -> bool:
+        """Set up step count ``n``; True when it is the base model alone (no LoRA, no UNet)."""
+        cfg, pipe = self.cfg, self.pipe
+        if cfg.step_unets.get(n, cfg.unet) != self.unet:  # after the reference set, drawn by the model's own
+            self.unet, self.loaded = cfg.step_unets.get(n, cfg.unet), None
+            pipe.unload_lora_weights()
+            pipe.unet = (self.base_unet if self.unet is None else
+                         load_unet(self.unet, self.base_unet).to(pipe.device, pipe.dtype))
+        loras = cfg.loras + ([cfg.step_loras[n]] if n in cfg.step_loras else [])
+        scaled = [(p, self.recipes[n].lora_scale if s is None else s) for p, s in map(parse_lora, loras)]
+        if scaled != self.loaded:  # (re)load only when this step count needs other LoRAs or scales
+            pipe.unload_lora_weights()
+            load_loras(pipe, scaled)
+            self.loaded = scaled
+        return not loras and self.unet is None
+
+
+def _label(cfg: EvalConfig) -> str:
     every_lora = cfg.loras + list(cfg.step_loras.values())
-    label = cfg.label or "+".join([cfg.recipe] + [Path(p).stem for p in [cfg.unet, *cfg.step_unets.values()] if p]
-                                  + [Path(parse_lora(spec)[0]).stem for spec in every_lora])
+    return cfg.label or "+".join([cfg.recipe] + [Path(p).stem for p in [cfg.unet, *cfg.step_unets.values()] if p]
+                                 + [Path(parse_lora(spec)[0]).stem for spec in every_lora])
+
+
+def _check_students(cfg: EvalConfig) -> None:
     missing = sorted((set(cfg.step_loras) | set(cfg.step_unets)) - set(cfg.steps))
     if missing:
         raise UserError(f"LoRAs or UNets are given for step counts {missing} that --steps does not list: "
                         "add those counts to --steps")
-    for lora in every_lora:
+    for lora in cfg.loras + list(cfg.step_loras.values()):
         check_lora_file(parse_lora(lora)[0])
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate one model/LoRA/recipe at each step count; return all rows of the folder."""
+    out, label = Path(cfg.out_dir), _label(cfg)
+    _check_students(cfg)
     recipes = {n: resolve_recipe(cfg.recipe, steps=n) for n in cfg.steps}
     check_writable(out)
-    prompts = _prompts(cfg.split, cfg.samples)
+    prompts = _prompts(cfg)
     seeds = _seeds(cfg.seed, prompts)
-    data = load_style(cfg.data)
-    try:
-        metrics = MiniMetrics(cfg.classifier or classifier_dir(cfg.data), data=data)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from e
-    scorers, rewards = real_metrics(cfg), load_rewards(cfg.rewards)
-    data_features = None
-    if "fid" in scorers:
-        data_features = scorers["fid"].features(
-            [Image.fromarray(data.images[i]) for i in data.indices(cfg.split)])
+    scoring = Scoring(cfg)
     pipe = load_pipeline(cfg.model)
-    tag = f"{cfg.split}-n{cfg.samples}-s{cfg.seed}"
-    reference_recipe = resolve_recipe(REFERENCE[0], steps=REFERENCE[1])
-    teacher = generate_set(pipe, reference_recipe, prompts, seeds,
-                           out / "images" / f"reference-{tag}", cfg.batch, "teacher reference")
-    reference = metrics.score(teacher, prompts).features
+    tag = f"{'prompts-' + _slug(Path(cfg.prompts).stem) if cfg.prompts else cfg.split}-n{cfg.samples}-s{cfg.seed}"
+    reference_recipe, teacher = resolve_recipe(REFERENCE[0], steps=REFERENCE[1]), None
+    if scoring.mini is not None:  # the teacher's own samples: FD→teacher compares with them
+        teacher = generate_set(pipe, reference_recipe, prompts, seeds,
+                               out / "images" / f"reference-{tag}", cfg.batch, "teacher reference")
+        scoring.teacher = scoring.mini.score(teacher, prompts).features
     results_file = out / "results.json"
     rows = json.loads(results_file.read_text()) if results_file.exists() else {}
-    grid_rows, loaded, base_unet, unet = [], None, pipe.unet, None
+    students, grid_rows = _Students(cfg, pipe, recipes), []
     for n in tqdm(cfg.steps, desc=f"eval {label}"):
-        if cfg.step_unets.get(n, cfg.unet) != unet:  # after the reference set, which the model's own UNet draws
-            unet, loaded = cfg.step_unets.get(n, cfg.unet), None
-            pipe.unload_lora_weights()
-            pipe.unet = base_unet if unet is None else load_unet(unet, base_unet).to(pipe.device, pipe.dtype)
-        loras = cfg.loras + ([cfg.step_loras[n]] if n in cfg.step_loras else [])
-        scaled = [(p, recipes[n].lora_scale if s is None else s) for p, s in map(parse_lora, loras)]
-        if scaled != loaded:  # (re)load only when this step count needs other LoRAs or scales
-            pipe.unload_lora_weights()
-            load_loras(pipe, scaled)
-            loaded = scaled
-        if recipes[n] == reference_recipe and not loras and unet is None:  # the reference itself
-            images = teacher
+        if students.at(n) and teacher is not None and recipes[n] == reference_recipe:
+            images = teacher  # the reference itself
         else:
             images = generate_set(pipe, recipes[n], prompts, seeds,
                                   out / "images" / f"{_slug(label)}-{n}-{tag}", cfg.batch, f"{n} steps")
-        scored = metrics.score(images, prompts)
-        row = metrics.report(scored, prompts)
-        row["fd_teacher"] = metrics.fd(scored.features, reference)
-        row["fd_teacher_ci"] = _fd_ci(metrics, scored.features, reference)
-        row.update(score_real(scorers, images, prompts, data_features))
-        row.update(score_rewards(rewards, images, prompts, cfg.split, data=cfg.data))
-        row.update(method=label, steps=n, samples=cfg.samples, split=cfg.split, data=cfg.data)
-        rows[f"{label}@{n}"] = row
+        rows[f"{label}@{n}"] = {**scoring.row(images, prompts), "method": label, "steps": n,
+                                "samples": cfg.samples, "split": cfg.split, "data": cfg.data,
+                                **({"prompts": cfg.prompts} if cfg.prompts else {})}
         grid_rows.append(images[:cfg.grid_prompts])
+    _write_outputs(out, rows, grid_rows, prompts, cfg, label)
+    return rows
+
+
+def _write_outputs(out: Path, rows: dict, grid_rows: list, prompts: list[str], cfg: EvalConfig,
+                   label: str) -> None:
     cols = [f"{n} step{'s' * (n > 1)}" for n in cfg.steps]
     grid = make_grid([list(r) for r in zip(*grid_rows)], prompts[:cfg.grid_prompts], cols, corner=label)
-    write_file(results_file, lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"))
+    write_file(out / "results.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"))
     with writing(out):
         (out / "table.md").write_text(markdown_table(rows))
-        (out / "table-by-steps.md").write_text(steps_table(rows))
+        if any("fd" in r for r in rows.values()):
+            (out / "table-by-steps.md").write_text(steps_table(rows))
+        real = tuple(k for k in ("clip", "aesthetic", "imagereward") if any(k in r for r in rows.values()))
+        if real:  # Hyper-SD's table: CLIP / aesthetic / ImageReward per method and step count
+            (out / "table-real.md").write_text(steps_table(rows, real))
         grid.save(out / f"grid-{_slug(label)}.png")
         plot_metrics(rows, out / "metrics.png")
-    return rows
 
 
 def _fd_ci(metrics, features, reference, rounds: int = 200):
@@ -302,10 +383,16 @@ def steps_table(rows: dict, keys=("fd", "top1")) -> str:
     out = (f"| method ({' / '.join(names[k] for k in keys)}) | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in steps)
            + " |\n|---|" + "---:|" * len(steps) + "\n")
     for m in methods:
-        cells = {r["steps"]: " / ".join(f"{r[k]:.1f}" for k in keys)
-                 for r in rows.values() if r["method"] == m}
-        out += f"| {m} | " + " | ".join(cells.get(n, "–") for n in steps) + " |\n"
+        cells = {r["steps"]: " / ".join(_cell(r, k) for k in keys) for r in rows.values() if r["method"] == m}
+        if any(k in r for r in rows.values() if r["method"] == m for k in keys):
+            out += f"| {m} | " + " | ".join(cells.get(n, "–") for n in steps) + " |\n"
     return out
+
+
+def _cell(row: dict, key: str) -> str:
+    if key not in row:
+        return "–"
+    return f"{row[key]:.2f}" if key in ("aesthetic", "imagereward") else f"{row[key]:.1f}"
 
 
 def _columns(rows: dict) -> list[tuple[str, str]]:

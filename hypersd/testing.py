@@ -14,10 +14,11 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextM
 from hypersd.models.mini import SD15_SCHEDULE, minilm_path
 
 TOKENS = 16
+T5_TOKENS = 512  # T5's window, as FLUX's and SD3's tokenizers give it (their pipelines' defaults: 512, 256)
 
 
-def _tokenizer():
-    return AutoTokenizer.from_pretrained(minilm_path(), model_max_length=TOKENS)
+def _tokenizer(tokens: int = TOKENS):
+    return AutoTokenizer.from_pretrained(minilm_path(), model_max_length=tokens)
 
 
 def _clip_config(hidden: int, projection: int = 32) -> CLIPTextConfig:
@@ -117,7 +118,7 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = False):
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),
                         text_encoder=CLIPTextModel(_clip_config(32)), tokenizer=_tokenizer(),
-                        text_encoder_2=_t5(32), tokenizer_2=_tokenizer(), transformer=transformer)
+                        text_encoder_2=_t5(32), tokenizer_2=_tokenizer(T5_TOKENS), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -134,6 +135,6 @@ def tiny_sd3(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),
         text_encoder=CLIPTextModelWithProjection(_clip_config(32)), tokenizer=_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(32)), tokenizer_2=_tokenizer(),
-        text_encoder_3=_t5(64), tokenizer_3=_tokenizer(), transformer=transformer)
+        text_encoder_3=_t5(64), tokenizer_3=_tokenizer(T5_TOKENS), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${HYPERSD_TORCH:-2.13.0}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,serve]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,serve,data]"

@@ -274,12 +274,12 @@ def test_a_long_prompt_is_cut_with_one_warning_line(tmp_path, capsys, tiny_model
 
 
 def test_the_mini_models_window_is_32_tokens(capsys):
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
     from hypersd.models.mini import MAX_TOKENS, minilm_path
-    pipe = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(minilm_path(), model_max_length=MAX_TOKENS))
+    from hypersd.testing import tiny_sd15
+    pipe = tiny_sd15()  # an SD1.5-shaped pipeline with the mini model's tokenizer
+    pipe.tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=MAX_TOKENS)
     warn_truncated(pipe, ["red apple", "a red apple " + "and a red apple " * 10 + "and a pear"])
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "32 tokens" in err[0] and err[0].endswith("and a pear'"), err

@@ -55,13 +55,14 @@ def test_data_names_the_style_fd_compares_against(tmp_path, random_classifier):
         EvalConfig(data="openmoji")
 
 
-def test_eval_adds_real_metric_columns_when_their_weights_are_given(tmp_path, random_classifier):
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from hypersd.errors import UserError
     from hypersd.testing import _tokenizer
 
+    folder = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
     clip = CLIPModel(CLIPConfig(
         text_config=dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -69,11 +70,14 @@ def test_eval_adds_real_metric_columns_when_their_weights_are_given(tmp_path, ra
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, image_size=32, patch_size=8),
         projection_dim=16))
-    clip.save_pretrained(tmp_path / "clip")
-    _tokenizer().save_pretrained(tmp_path / "clip")
+    clip.save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_eval_adds_real_metric_columns_when_their_weights_are_given(tmp_path, random_classifier, tiny_clip_dir):
     cfg = EvalConfig(recipe="teacher-trailing", steps=[1], samples=6, batch=6,
-                     out_dir=str(tmp_path / "out"), classifier=random_classifier,
-                     clip=str(tmp_path / "clip"))
+                     out_dir=str(tmp_path / "out"), classifier=random_classifier, clip=tiny_clip_dir)
     row = run_eval(cfg)["teacher-trailing@1"]
     lo, hi = row["clip_ci"]
     assert 0 <= lo <= row["clip"] <= hi <= 100
@@ -159,3 +163,31 @@ def test_step_unets_draw_only_their_step_count(tmp_path, random_classifier):
     images = tmp_path / "images"
     np.testing.assert_array_equal(_pixels(images, "n-step-1-*"), _pixels(images, "plain-1-*"))
     assert not np.array_equal(_pixels(images, "n-step-2-*"), _pixels(images, "plain-2-*"))
+
+
+def test_prompt_file_evaluates_any_model_with_real_metrics_in_hyper_sds_table(tmp_path, tiny_dirs, tiny_clip_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a sofa\n\na red bicycle\na lighthouse at dusk\n")
+    cfg = EvalConfig(model=tiny_dirs["sd15"], recipe="teacher-trailing", steps=[1, 2], batch=3,
+                     out_dir=str(tmp_path / "out"), clip=tiny_clip_dir, prompts=str(prompts))
+    assert cfg.samples == 3  # one image per prompt
+    rows = run_eval(cfg)
+    assert set(rows) == {"teacher-trailing@1", "teacher-trailing@2"}
+    for row in rows.values():
+        assert "clip" in row and "fd" not in row and "top1" not in row
+    real = (tmp_path / "out" / "table-real.md").read_text().splitlines()
+    assert real[0] == "| method (CLIP ↑) | 1 step | 2 steps |" and real[2].startswith("| teacher-trailing | ")
+    assert not (tmp_path / "out" / "table-by-steps.md").exists()
+    assert len(list((tmp_path / "out" / "images").rglob("*.png"))) == 2 * 3  # no emoji reference set
+
+
+@pytest.mark.parametrize("text, fields, message", [
+    ("a cat\n", {}, "pass a real metric's weights"),
+    ("a cat\n", {"inception": "x.pth"}, "pass --reference FOLDER"),
+    ("\n \n", {"clip": "c"}, "is empty"),
+])
+def test_bad_prompt_file_evaluations_say_what_to_do(tmp_path, text, fields, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(text)
+    with pytest.raises(UserError, match=message):
+        EvalConfig(prompts=str(prompts), **fields)

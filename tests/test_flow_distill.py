@@ -35,7 +35,7 @@ def _run(tmp_path, stages, **kw):
 def _stock_latents(pipe, steps: int, family: str, seed: int = 0) -> torch.Tensor:
     """Stock diffusers' final latents (unpacked), no CFG, on the trailing σ grid."""
     kw = dict(height=16, width=16, num_inference_steps=steps, output_type="latent",
-              generator=torch.Generator().manual_seed(seed), max_sequence_length=16)
+              generator=torch.Generator().manual_seed(seed))
     if family == "flux":
         out = pipe(PROMPT, guidance_scale=1.0, **kw).images
         return pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor)

@@ -24,7 +24,7 @@ def _array(images):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("recipe", sorted(load_recipes()))
+@pytest.mark.parametrize("recipe", sorted(n for n, r in load_recipes().items() if "sd15" in r.models))
 def test_every_recipe_runs(tiny_dirs, family, recipe):
     out = generate(["a red apple"], model=tiny_dirs[family], recipe=recipe, steps=None)
     assert out.images[0].size == (16, 16)

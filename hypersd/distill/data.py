@@ -2,10 +2,13 @@
 cached VAE latents.
 
 Latent posteriors (mean, std) and the conditioning of every caption are computed once; a
-batch draws indices with the run's generator, samples z ~ N(mean, std²) and scales it.
-SD1.5-shaped pipelines condition on ``encoder_hidden_states``; SDXL-shaped ones also on the
-pooled text embedding and the size/crop time ids. ``Prompts`` serves methods that train from
-prompts alone: its batches have no latents.
+batch draws indices with the run's generator, then (with caption dropout) which captions
+become "", then z ~ N(mean, std²), which it scales. SD1.5-shaped pipelines condition on
+``encoder_hidden_states``; SDXL-shaped ones also on the pooled text embedding and the
+size/crop time ids. ``Prompts`` serves methods that train from prompts alone: its batches have
+no latents. ``examples_for`` picks a run's examples by its ``data`` settings: emoji32 and
+prompt files are encoded in memory here, image sources through the on-disk latent cache
+(``hypersd.distill.cache``).
 """
 
 from __future__ import annotations
@@ -62,16 +65,35 @@ def map_cond(fn, *conds: dict) -> dict:
             for k, v in conds[0].items()}
 
 
+def draw_dropout(n: int, p: float, g: torch.Generator) -> torch.Tensor | None:
+    """Which of ``n`` captions are dropped, each with chance ``p`` (None, and no draw, at 0)."""
+    return torch.rand(n, generator=g) < p if p > 0 else None
+
+
+def drop_captions(batch: Batch, drop: torch.Tensor | None) -> Batch:
+    """``batch`` with the ``drop``ped captions made "" and their conditioning the empty
+    prompt's (its time ids are the example's), so a student keeps the unconditional branch
+    that classifier-free guidance needs [Ho & Salimans 2022, §3.2]."""
+    if drop is None or not bool(drop.any()):
+        return batch
+
+    def pick(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.where(drop.to(c.device).view(-1, *[1] * (c.dim() - 1)), u.to(c), c)
+    prompts = ["" if d else p for p, d in zip(batch.prompts, drop.tolist())]
+    return Batch(prompts, map_cond(pick, batch.cond, batch.uncond), batch.uncond, batch.latents)
+
+
 class Prompts:
     """Prompts alone (no images): batches carry conditioning and no latents."""
 
     has_images = False
 
     @torch.no_grad()
-    def __init__(self, pipe, prompts: list[str]):
+    def __init__(self, pipe, prompts: list[str], caption_dropout: float = 0.0):
         if not prompts:
             raise ValueError("no prompts to train on")
         self.prompts = list(prompts)
+        self.caption_dropout = caption_dropout
         self.cond = encode_text(pipe, self.prompts)
         self.uncond = encode_text(pipe, [""])
 
@@ -80,9 +102,10 @@ class Prompts:
 
     def sample(self, n: int, g: torch.Generator) -> Batch:
         idx = torch.randint(len(self), (n,), generator=g)
-        return Batch([self.prompts[i] for i in idx], map_cond(lambda v: v[idx], self.cond),
-                     map_cond(lambda v: v.expand(n, *v.shape[1:]), self.uncond),
-                     self._latents(idx, g))
+        drop = draw_dropout(n, self.caption_dropout, g)
+        batch = Batch([self.prompts[i] for i in idx], map_cond(lambda v: v[idx], self.cond),
+                      map_cond(lambda v: v.expand(n, *v.shape[1:]), self.uncond), self._latents(idx, g))
+        return drop_captions(batch, drop)
 
     def _latents(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
         return None
@@ -95,21 +118,22 @@ class LatentCaptions(Prompts):
     has_images = True
 
     @torch.no_grad()
-    def __init__(self, pipe, images: torch.Tensor, captions: list[str], chunk: int = 256):
+    def __init__(self, pipe, images: torch.Tensor, captions: list[str], chunk: int = 256,
+                 caption_dropout: float = 0.0):
         vae = pipe.vae
         dists = [vae.encode(images[i:i + chunk].to(vae.dtype)).latent_dist for i in range(0, len(images), chunk)]
         self.mean = torch.cat([d.mean for d in dists]).float()
         self.std = torch.cat([d.std for d in dists]).float()
         self.scale = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's and FLUX's VAEs
-        super().__init__(pipe, captions)
+        super().__init__(pipe, captions, caption_dropout)
 
     def _latents(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         z = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)
         return (z - self.shift) * self.scale
 
 
-def emoji32_examples(pipe, split: str = "distill") -> LatentCaptions:
+def emoji32_examples(pipe, split: str = "distill", caption_dropout: float = 0.0) -> LatentCaptions:
     """The emoji32 images and captions of a split, encoded with the pipeline's VAE/text encoder."""
     from hypersd.data import load_emoji32
     from hypersd.imaging import to_signed_unit
@@ -120,4 +144,19 @@ def emoji32_examples(pipe, split: str = "distill") -> LatentCaptions:
     size = family_of(pipe).resolution
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-    return LatentCaptions(pipe, images, [data.captions[i] for i in idx])
+    return LatentCaptions(pipe, images, [data.captions[i] for i in idx], caption_dropout=caption_dropout)
+
+
+def examples_for(pipe, run, accelerator=None):
+    """The training examples of ``run`` (a ``RunConfig``) by its ``data`` settings: emoji32's
+    split, a prompt file's prompts, or an image source's cached latents (built first if need be,
+    by the main process while the others wait)."""
+    from hypersd.distill.sources import kind_of, read_prompts
+    data = run.data
+    kind = kind_of(data.source)
+    if kind == "emoji32":
+        return emoji32_examples(pipe, run.split, data.caption_dropout)
+    if kind == "prompts":
+        return Prompts(pipe, read_prompts(data.source), data.caption_dropout)
+    from hypersd.distill.cache import cached_examples
+    return cached_examples(pipe, data, accelerator)

@@ -15,6 +15,7 @@ import torch
 
 from hypersd.distill.denoiser import unet_call
 from hypersd.distill.process import Process, process_of
+from hypersd.generate.flow import short_window
 from hypersd.models.flux import flux_call
 
 # FLUX's and SD3's attention and feed-forward projections [the Hyper-SD3/FLUX and
@@ -38,7 +39,8 @@ class Family:
     latent_shape: tuple[int, int, int]
     lora_prefix: str                   # "unet" | "transformer"
     process: Process                   # its scheduler's forward process
-    max_sequence_length: int = 0       # SD3/FLUX: tokens of the T5-role encoder (0: not used)
+    max_sequence_length: int = 0       # SD3/FLUX: the T5-role encoder's window when shorter than the
+                                       # pipeline's default (0: the default; ``generate.flow.short_window``)
 
     def features(self, net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> list[torch.Tensor]:
         """Feature maps of ``net`` at integer timesteps ``t``, for adversarial heads."""
@@ -50,6 +52,11 @@ class Family:
     @property
     def flow(self) -> bool:
         return self.name in ("sd3", "flux")
+
+    def student_recipe(self, recipe: str) -> str:
+        """The inference recipe a student of this family is served with: a flow student samples
+        with the flow's Euler step, Ψ on the trailing σ grid, whatever the UNet world's recipe."""
+        return "flow-student" if self.flow else recipe
 
     @property
     def metadata_base(self) -> str:
@@ -72,8 +79,7 @@ def family_of(pipe) -> Family:
         raise ValueError(f"{type(pipe).__name__} cannot be distilled here: use an SD1.5, SDXL, SD3 or "
                          "FLUX pipeline")
     res = vae.config.sample_size  # transformers have no sample size: the VAE's is the model's
-    tok = pipe.tokenizer_3 if name == "sd3" else pipe.tokenizer_2
-    seq = min(512, tok.model_max_length) if tok is not None else 0
+    seq = short_window(pipe, name) or 0  # 0: the pipeline's own default window
     return Family(name, pipe.transformer, flux_call if name == "flux" else sd3_call, res,
                   (channels, res // scale, res // scale), "transformer", process_of(pipe.scheduler), seq)
 

@@ -32,7 +32,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from hypersd import checkpoint
-from hypersd.distill.data import emoji32_examples
+from hypersd.distill.data import examples_for
 from hypersd.distill.export import save_lora
 from hypersd.distill.family import TRANSFORMER_LORA_TARGETS, Family, family_of
 from hypersd.distill.networks import Networks
@@ -83,7 +83,7 @@ def setup(run: RunConfig, accelerator: Accelerator, examples=None, pipe=None):
 
     pipe = pipe or load_pipeline(run.model, dtype=torch.float32, device=str(accelerator.device))
     fam = family_of(pipe)
-    examples = examples or emoji32_examples(pipe, run.split)
+    examples = examples or examples_for(pipe, run, accelerator)
     if run.gradient_checkpointing:
         fam.net.enable_gradient_checkpointing()
     set_seed(run.seed)  # the LoRA's random A matrices: the same on every process
@@ -225,6 +225,9 @@ def stage_settings(run: RunConfig, index: int) -> dict:
     fields = ("model", "full_unet", "lora", "split", "mixed_precision", "gradient_accumulation",
               "max_grad_norm", "seed", "offset_noise")
     settings = {"stage": stage, **{f: getattr(run, f) for f in fields}}
+    data = {k: v for k, v in dataclasses.asdict(run.data).items() if k not in ("cache_dir", "num_workers", "shard_size")}
+    if data != {k: v for k, v in dataclasses.asdict(type(run.data)()).items() if k in data}:
+        settings["data"] = data  # other data than emoji32's (absent, so older checkpoints still resume)
     return json.loads(json.dumps(settings, default=_plain))
 
 
@@ -289,8 +292,9 @@ def _run_stage(run: RunConfig, index: int, ctx: StageContext, examples, accelera
     began = time.time()
     _train(trainer, start, ckpt)
     trainer.method.close()
-    info = {"base_model": run.model, "method": stage.method, **trainer.method.export_info(),
-            "stage": stage.name, "train_steps": stage.steps, "mixed_precision": run.mixed_precision,
+    served = trainer.method.export_info()
+    info = {"base_model": run.model, "method": stage.method, **served,
+            "recipe": fam.student_recipe(served["recipe"]), "stage": stage.name, "train_steps": stage.steps, "mixed_precision": run.mixed_precision,
             "seconds": round(time.time() - began, 1)}
     del trainer
     accelerator.free_memory()  # the next stage prepares its own modules and optimizers

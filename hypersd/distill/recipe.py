@@ -34,6 +34,31 @@ class LoraSettings:
 
 
 @dataclass
+class DataSettings:
+    """Where a run's training examples come from and how they are prepared
+    (``hypersd.distill.sources``; image sources go through ``hypersd.distill.cache``)."""
+
+    source: str = "emoji32"              # emoji32 | a folder with metadata.jsonl | a saved Hugging Face
+                                         # dataset folder or hf:NAME | .tar shards (a folder, or a brace
+                                         # pattern such as shards/{000..009}.tar) | a .txt of prompts
+    image_column: str = "image"          # Hugging Face datasets: the image column
+    caption_column: str = "text"         # the caption column (datasets, metadata.jsonl) or .json field
+    dataset_split: str = "train"         # the split of a hub dataset or a saved DatasetDict
+    crop: str = "center"                 # "center" | "random" (one random crop per image, fixed by its name)
+    caption_dropout: Annotated[float, Range(ge=0, le=1)] = 0.0  # chance a drawn caption becomes ""
+    cache_dir: str = ""                  # the latent cache; "": $HYPERSD_CACHE or ~/.cache/hypersd/latents
+    shard_size: Annotated[int, AT_LEAST_1] = 256   # examples per cache file
+    num_workers: Annotated[int, NOT_NEGATIVE] = 2  # processes that decode images and draw batches ahead
+
+    def __post_init__(self):
+        check_ranges(self)
+        if not self.source.strip():
+            raise UserError("data.source is empty: name emoji32, a folder, hf:NAME, .tar shards or a .txt file")
+        if self.crop not in ("center", "random"):
+            raise UserError(f"data.crop must be center or random, not {self.crop!r}")
+
+
+@dataclass
 class StageConfig:
     """The loop's fields of a stage; every other field of a recipe stage is the method's own
     (its config dataclass in ``hypersd.distill.methods``), kept in ``config``."""
@@ -66,7 +91,8 @@ class RunConfig:
     output_dir: str = "runs/distill"
     full_unet: bool = False              # train the whole UNet instead of a LoRA
     lora: LoraSettings = field(default_factory=LoraSettings)
-    split: str = "distill"               # emoji32 prompts used for training
+    split: str = "distill"               # emoji32 prompts used for training (data: emoji32)
+    data: DataSettings | str = field(default_factory=DataSettings)  # a source alone, or its settings
     mixed_precision: str = "no"          # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
     gradient_accumulation: Annotated[int, AT_LEAST_1] = 1  # micro-batches per optimizer step: each
@@ -81,6 +107,8 @@ class RunConfig:
 
     def __post_init__(self):
         check_ranges(self)
+        if isinstance(self.data, str):
+            self.data = DataSettings(source=self.data)
         if not self.stages:
             raise UserError("a run needs at least one stage")
         for i, stage in enumerate(self.stages):
@@ -126,7 +154,10 @@ def recipe_path(name: str) -> Path:
 def load_run(name: str, overrides: list[str] = ()) -> RunConfig:
     """Read a run recipe (a YAML path or a bundled name), apply "key=value" overrides, check
     every field (the method's own fields against its config)."""
-    data = apply_overrides(load_yaml(recipe_path(name)), list(overrides))
+    data = load_yaml(recipe_path(name))
+    if isinstance(data.get("data"), str):  # a source alone: its settings, so data.* overrides apply
+        data["data"] = {"source": data["data"]}
+    data = apply_overrides(data, list(overrides))
     stages = data.get("stages")
     for stage in stages if isinstance(stages, list) else []:
         if isinstance(stage, dict):  # a stage's flat fields: the loop's, then the method's
@@ -134,3 +165,16 @@ def load_run(name: str, overrides: list[str] = ()) -> RunConfig:
             if extra:
                 stage["config"] = {**(stage.get("config") or {}), **extra}
     return load_dataclass(RunConfig, data, "recipe")
+
+
+def load_data_settings(name: str, overrides: list[str] = ()) -> tuple[str, DataSettings]:
+    """The model and data settings of a recipe (a YAML file or a bundled name), or of a model
+    ("mini", a folder, a hub id) with default data settings; "data.field=value" overrides apply."""
+    if Path(name).suffix in (".yaml", ".yml") or (BUNDLED / f"{name}.yaml").exists():
+        run = load_run(name, overrides)
+        return run.model, run.data
+    data = apply_overrides({}, list(overrides))
+    other = sorted(set(data) - {"data"})
+    if other:
+        raise UserError(f"{name} is a model, not a recipe: only data.* fields can be set, not {', '.join(other)}")
+    return name, load_dataclass(DataSettings, data.get("data"), "data")

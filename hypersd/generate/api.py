@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,13 +18,17 @@ from hypersd.generate.autorecipe import choose_recipe
 from hypersd.generate.controlnet import add_controlnets, check_controls
 from hypersd.generate.grid import make_grid
 from hypersd.generate.fast import FastPipeline
-from hypersd.generate.loading import load_pipeline, recipe_settings
+from hypersd.generate.flow import T5_TOKENIZER
+from hypersd.generate.loading import (check_recipe_fits, load_pipeline, model_family, prompt_arguments,
+                                      recipe_settings)
 from hypersd.generate.prompt_loras import plan_loras
-from hypersd.generate.recipes import SAMPLERS, Recipe, get_recipe
+from hypersd.generate.recipes import ALL_SAMPLERS, Recipe, get_recipe
 
 MAX_IMAGES = 4096  # images one call makes (prompts x batch); more is surely a typo
 CHUNK = 16         # images per pipeline call: memory stays bounded however large the batch
 MAX_SEED = 2**63 - 1
+MAX_SIZE = 4096    # pixels a side; more is surely a typo
+SIZE_STEP = 16     # sides are multiples of it: 8 (the VAE's scale) x 2 (FLUX's and Qwen-Image's patches)
 
 
 @dataclass
@@ -40,12 +45,14 @@ class Generation:
     unet: str | None = None                 # a UNet that replaced the model's (full-network student)
     controlnets: list[dict] = field(default_factory=list)  # each ControlNet's model, image and scale
     lora_sets: list[list[tuple[str, float]]] | None = None  # each image's LoRAs, when prompts name some
+    size: tuple[int, int] | None = None     # (width, height) asked for; None: the model's own
 
     def metadata(self, i: int) -> dict:
         loras = self.lora_sets[i] if self.lora_sets else self.loras
         return {"prompt": self.prompts[i], "seed": self.seeds[i], "negative": self.negative,
                 "model": self.model, "unet": self.unet, "loras": loras, "recipe": asdict(self.recipe),
-                **({"controlnets": self.controlnets} if self.controlnets else {})}
+                **({"controlnets": self.controlnets} if self.controlnets else {}),
+                **({"size": list(self.size)} if self.size else {})}
 
     def save(self, out_dir: str | Path, grid_cell: int = 128) -> list[Path]:
         """Write one PNG per image (metadata in text chunks) and ``grid.png``, all or none of
@@ -66,14 +73,15 @@ class Generation:
 
 
 def resolve_recipe(recipe: str | Recipe | None = None, *, steps=None, sampler=None, eta=None,
-                   guidance=None, timesteps=None) -> Recipe:
+                   guidance=None, timesteps=None, distilled_guidance=None) -> Recipe:
     """The named recipe (default: "teacher") with the caller's explicit settings on top."""
     base = recipe if isinstance(recipe, Recipe) else get_recipe(recipe or "teacher")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if sampler is not None and sampler not in ALL_SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(ALL_SAMPLERS)}")
     # Recipe checks every field (steps in the recipe's range, guidance, eta, LoRA scale)
     return base.with_overrides(steps=steps, sampler=sampler, eta=eta, guidance=guidance,
-                               timesteps=tuple(timesteps) if timesteps else None)
+                               timesteps=tuple(timesteps) if timesteps else None,
+                               distilled_guidance=distilled_guidance)
 
 
 def _check_request(prompts: list[str], batch: int, seed: int) -> list[str]:
@@ -91,18 +99,45 @@ def _check_request(prompts: list[str], batch: int, seed: int) -> list[str]:
     return prompts
 
 
-def warn_truncated(pipe, prompts: list[str]) -> None:
+def _check_size(width: int | None, height: int | None) -> tuple[int, int] | None:
+    """(width, height) asked for, both or neither, each a multiple of SIZE_STEP up to MAX_SIZE."""
+    if width is None and height is None:
+        return None
+    for name, side in (("--width", width), ("--height", height)):
+        if type(side) is not int or not SIZE_STEP <= side <= MAX_SIZE or side % SIZE_STEP:
+            raise UserError(f"{name} {side}: give both --width and --height, each a multiple of {SIZE_STEP} "
+                            f"from {SIZE_STEP} to {MAX_SIZE} pixels (e.g. 1024)")
+    return width, height
+
+
+def warn_truncated(pipe, prompts: list[str], recipe: Recipe | None = None) -> None:
     """One warning line per prompt longer than the text encoder's window, naming what is cut."""
-    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
-    if not tokenizers:
+    window = _text_window(pipe, recipe)
+    if window is None:
         return
-    tokenizer = min(tokenizers, key=lambda t: t.model_max_length)
-    room = tokenizer.model_max_length - len(tokenizer("").input_ids)  # less [CLS]/[SEP] or BOS/EOS
+    tokenizer, tokens = window
+    room = tokens - len(tokenizer("").input_ids)  # less [CLS]/[SEP], BOS/EOS or T5's </s>
     for prompt in dict.fromkeys(prompts):
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if len(ids) > room:
             warn(f"prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is longer than the text "
-                 f"encoder's {tokenizer.model_max_length} tokens; dropped: {tokenizer.decode(ids[room:])!r}")
+                 f"encoder's {tokens} tokens; dropped: {tokenizer.decode(ids[room:])!r}")
+
+
+def _text_window(pipe, recipe: Recipe | None):
+    """(tokenizer, tokens) of the text encoder whose window cuts a prompt: SD's CLIP (SDXL's
+    narrower one); SD3's and FLUX's T5 at max_sequence_length (what CLIP cuts, T5 still reads);
+    None for Qwen-Image, whose 1024 tokens no prompt reaches."""
+    family = model_family(pipe)
+    t5 = getattr(pipe, T5_TOKENIZER.get(family, ""), None)
+    if t5 is not None:
+        default = inspect.signature(pipe.__call__).parameters["max_sequence_length"].default
+        return t5, (recipe and recipe.max_sequence_length) or default
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
+    if family == "qwen-image" or not tokenizers:
+        return None
+    tokenizer = min(tokenizers, key=lambda t: t.model_max_length)
+    return tokenizer, tokenizer.model_max_length
 
 
 @torch.no_grad()
@@ -114,9 +149,7 @@ def run_pipeline(pipe, prompts: list[str], recipe: Recipe, seeds: list[int],
     if isinstance(pipe, FastPipeline):
         return pipe(prompts, recipe, seeds, negative, output_type, extra)
     kwargs = recipe_settings(pipe, recipe, seeds, output_type)
-    if negative:
-        kwargs["negative_prompt"] = [negative] * len(prompts)
-    return pipe(prompt=prompts, **kwargs, **(extra or {})).images
+    return pipe(**prompt_arguments(pipe, recipe, prompts, negative), **{**kwargs, **(extra or {})}).images
 
 
 def generate(prompts: list[str], *, model: str | None = None, loras: list[str] = (),
@@ -124,7 +157,8 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
              sampler: str | None = None, eta: float | None = None, guidance: float | None = None,
              negative: str | None = None, seed: int = 0, batch: int = 1, pipe=None,
              config: str | None = None, unet: str | None = None, chunk: int = CHUNK,
-             controlnets=(), lora_dir: str | None = None) -> Generation:
+             controlnets=(), lora_dir: str | None = None, distilled_guidance: float | None = None,
+             width: int | None = None, height: int | None = None) -> Generation:
     """Generate ``batch`` images per prompt; seeds are ``seed, seed+1, ...`` for each prompt.
     At most ``MAX_IMAGES`` in all, made ``chunk`` images a pipeline call.
 
@@ -138,14 +172,19 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
     ControlNet folder or hub id, a control image
     (a path or a PIL image, resized to the model's resolution, used for every image) and a
     conditioning scale from 0 to 2 (default 1). Pass an already loaded ``pipe`` to skip loading.
+    ``distilled_guidance`` sets a guidance-distilled transformer's guidance (FLUX.1-dev's
+    ``guidance_scale``; ``guidance`` is classifier-free guidance on every model). ``width`` and
+    ``height`` (both or neither) replace the model's default size.
     Without LoRA tags in the prompts the call runs the fast path (hypersd.generate.fast): each
     distinct prompt encoded once, and the LoRAs fused into the weights of a pipeline it loaded.
     """
     prompts = _check_request(list(prompts), batch, seed)
+    size = _check_size(width, height)
     plan = plan_loras(prompts, loras, lora_dir)  # before the model loads: a bad file or tag fails fast
     choice = choose_recipe(recipe, steps, [unet, *plan.files])
     with choice.explaining():  # a recipe picked for the user that refuses their settings says why
-        r = resolve_recipe(choice.recipe, steps=choice.steps, sampler=sampler, eta=eta, guidance=guidance)
+        r = resolve_recipe(choice.recipe, steps=choice.steps, sampler=sampler, eta=eta, guidance=guidance,
+                           distilled_guidance=distilled_guidance)
         if negative and r.guidance <= 1:
             raise UserError(f"a negative prompt needs classifier-free guidance, and recipe {r.name!r} "
                             f"runs at guidance {r.guidance:g}: pass --guidance above 1 or use a "
@@ -153,13 +192,17 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
     parsed = [(p, r.lora_scale if s is None else s) for p, s in plan.shared]
     controls = check_controls(controlnets)  # scales, configs and images, before the model
     owned = pipe is None
-    if pipe is None or plan.any_tags:  # a given pipe holds its LoRAs already, unless prompts name some
-        if pipe is None:
-            pipe = load_pipeline(model, config=config, unet=unet)
+    if owned:
+        pipe = load_pipeline(model, config=config, unet=unet)
+    with choice.explaining():
+        check_recipe_fits(pipe, r)  # before its LoRAs load: a recipe for another model says which fit
+    if owned or plan.any_tags:  # a given pipe holds its LoRAs already, unless prompts name some
         plan.load(pipe, r.lora_scale)
     choice.say(r)
     pipe, control_args = add_controlnets(pipe, controls)
-    warn_truncated(pipe, plan.texts)
+    if size:
+        control_args = {**control_args, "width": size[0], "height": size[1]}
+    warn_truncated(pipe, plan.texts, r)
     if not plan.any_tags:  # one set of LoRAs: fused into a pipeline of our own, prompts encoded once
         pipe = FastPipeline(pipe, fuse=owned, speedup="none")
     all_prompts = [p for p in prompts for _ in range(batch)]
@@ -172,7 +215,7 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
             images[i] = image
     lora_sets = [s for s in plan.sets(r.lora_scale) for _ in range(batch)] if plan.any_tags else None
     return Generation(images, all_prompts, seeds, r, model or "mini", parsed, negative, unet,
-                      [c.control.record() for c in controls], lora_sets)
+                      [c.control.record() for c in controls], lora_sets, size)
 
 
 def run_in_chunks(pipe, prompts: list[str], recipe: Recipe, seeds: list[int],

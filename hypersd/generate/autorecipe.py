@@ -34,6 +34,14 @@ PUBLISHED = (
     (r"tcd[-_]sd(15|xl)[-_]lora", "tcd", "TCD's LoRA"),
     (r"dmd2[-_]sdxl[-_]1steps?[-_]unet", "dmd2-1step", "DMD2's 1-step UNet"),
     (r"dmd2[-_]sdxl[-_](?P<n>\d+)steps?[-_](?P<kind>lora|unet)", "dmd2", "DMD2's {n}-step {kind}"),
+    # flow models: one recipe per file, as their cards give each its own guidance or steps
+    (r"hyper-sd3-4steps?-cfg-lora", "hyper-sd3-4step", "Hyper-SD3's 4-step CFG LoRA"),
+    (r"hyper-sd3-8steps?-cfg-lora", "hyper-sd3-8step", "Hyper-SD3's 8-step CFG LoRA"),
+    (r"hyper-sd3-16steps?-cfg-lora", "hyper-sd3-16step", "Hyper-SD3's 16-step CFG LoRA"),
+    (r"hyper-flux\.1-dev-8steps?-lora", "hyper-flux-8step", "Hyper-FLUX.1-dev's 8-step LoRA"),
+    (r"hyper-flux\.1-dev-16steps?-lora", "hyper-flux-16step", "Hyper-FLUX.1-dev's 16-step LoRA"),
+    (r"qwen-image-lightning-4steps?", "qwen-image-lightning-4step", "Qwen-Image-Lightning's 4-step LoRA"),
+    (r"qwen-image-lightning-8steps?", "qwen-image-lightning-8step", "Qwen-Image-Lightning's 8-step LoRA"),
 )
 FOLDERS_UP = 4  # folders above a file searched for a name (hub cache: models--x/snapshots/<hash>/)
 KIND = {"lora": "LoRA", "unet": "UNet"}

@@ -13,7 +13,9 @@ more, the VAE decoder 6, Python and the scheduler the rest; the fast path takes 
   speedup the UNet, VAE decoder and ControlNet run as traced graphs (``hypersd.generate.speedup``).
 A call is otherwise the plain path's: the same recipe settings, seeds and diffusers pipeline,
 so images equal ``run_pipeline``'s on the unfused pipeline within float tolerance
-(tests/test_fast.py).
+(tests/test_fast.py). The flow models' pipelines (SD3, FLUX, Qwen-Image) are fused and sped up
+but encode their own prompts: their encoders' outputs (T5's padded window, Qwen-Image's
+variable-length states with a mask) are no SD embedding to cache.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from collections import OrderedDict
 import torch
 
 from hypersd.errors import UserError
-from hypersd.generate.loading import _quiet_loading, recipe_settings
-from hypersd.generate.recipes import Recipe
+from hypersd.generate.loading import _quiet_loading, model_family, prompt_arguments, recipe_settings
+from hypersd.generate.recipes import SD_MODELS, Recipe
 from hypersd.generate.speedup import SPEEDUPS
 
 CACHE_SIZE = 256  # prompts kept: 48 KB each on the mini model, 0.24 MB on SD1.5 (twice under CFG)
@@ -91,16 +93,19 @@ class FastPipeline:
         if fuse:
             fuse_loras(pipe)
         self.pipe = _sped_up(pipe, speedup)
-        self.cache = PromptCache(self.pipe, cache_size)
+        self.cache = PromptCache(self.pipe, cache_size) if model_family(pipe) in SD_MODELS else None
         self.speedup = speedup
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], recipe: Recipe, seeds: list[int], negative: str | None = None,
                  output_type: str = "pil", extra: dict | None = None):
         """The images of ``run_pipeline(pipe, prompts, recipe, seeds, negative, output_type, extra)``."""
-        embeds = self.cache.embeddings(list(prompts), negative, recipe.guidance > 1)
         settings = recipe_settings(self.pipe, recipe, seeds, output_type)
-        return self.pipe(**embeds, **settings, **(extra or {})).images
+        if self.cache is None:
+            prompting = prompt_arguments(self.pipe, recipe, list(prompts), negative)
+        else:
+            prompting = self.cache.embeddings(list(prompts), negative, recipe.guidance > 1)
+        return self.pipe(**prompting, **{**settings, **(extra or {})}).images
 
 
 def _sped_up(pipe, speedup: str):

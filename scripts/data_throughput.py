@@ -16,7 +16,6 @@ import dataclasses
 import io
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hypersd.bench import cpu_name
 from hypersd.distill import loop
 from hypersd.distill.cache import ensure_cache
 from hypersd.distill.data import examples_for
@@ -118,7 +118,8 @@ def write(out: Path, result: dict) -> None:
         f"`{result['command']}` on {result['machine']}, torch threads {result['threads']}.\n\n"
         f"A folder of {c['images']} random 32x32 PNGs (metadata.jsonl) encoded by the mini model's VAE and "
         f"text encoder into the cache once: {c['seconds']:.1f} s ({c['images'] / c['seconds']:.0f} images/s, "
-        f"{c['workers']} decoding workers), {c['megabytes']:.1f} MB on disk.\n\n"
+        f"{c['workers']} decoding workers), {c['megabytes']:.1f} MB on disk; asked again, the same entry was "
+        f"{'reused' if c['reused'] else 'NOT reused'} in {c['reuse_seconds']:.2f} s.\n\n"
         f"Then TSCD steps (batch {result['batch']}) of the mini model on the warm cache; the first "
         f"{result['warmup']} steps are left out. *waiting* is the time inside `examples.sample` over the "
         f"step's wall time; *drawn ahead* counts batches the workers had ready.\n\n"
@@ -147,12 +148,16 @@ def main() -> None:
     pipe = load_pipeline("mini", dtype=torch.float32, device="cpu")
     start = time.perf_counter()
     entry, _ = ensure_cache(pipe, data)
-    cache = {"images": args.images, "seconds": time.perf_counter() - start, "workers": data.num_workers,
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    again, _ = ensure_cache(pipe, data)  # the same entry, found and reused, not rebuilt
+    cache = {"images": args.images, "seconds": built, "reuse_seconds": time.perf_counter() - start,
+             "reused": again == entry, "workers": data.num_workers,
              "megabytes": sum(p.stat().st_size for p in entry.iterdir()) / 2**20}
     runs = [measure(args, data, int(w)) for w in args.workers.split(",")]
     result = {"command": "python scripts/data_throughput.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if k not in ("work", "out")),
-        "machine": f"{platform.machine()} with {os.cpu_count()} CPUs",
+        "machine": f"{cpu_name()} ({os.cpu_count()} CPUs)",
         "threads": torch.get_num_threads(), "batch": args.batch, "warmup": args.warmup, "cache": cache, "runs": runs}
     write(Path(args.out), result)
     for r in runs:

@@ -1,8 +1,12 @@
 """The mini flow model's training phase: it trains, resumes, hands off across machines and
 exports a stock FluxPipeline folder whose text encoder slots take MiniLM."""
 
+import numpy as np
+import pytest
 import torch
 from diffusers import FluxPipeline
+
+from hypersd.generate import generate
 
 from hypersd.models.mini_flow import load_flow_text_encoder
 from hypersd.teacher import TeacherConfig, train_teacher
@@ -36,7 +40,20 @@ def test_flow_phase_trains_resumes_hands_off_and_exports(tmp_path):
     pipe = FluxPipeline.from_pretrained(out, text_encoder=enc, text_encoder_2=enc, tokenizer=tok,
                                         tokenizer_2=tok, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("rocket", negative_prompt="", true_cfg_scale=3.0, max_sequence_length=32, height=32,
-                 width=32, num_inference_steps=2).images[0]
-    assert image.size == (32, 32)
+    stock = pipe(["rocket", "red apple"], negative_prompt=["", ""], true_cfg_scale=3.0, max_sequence_length=32,
+                 height=32, width=32, num_inference_steps=2,
+                 generator=[torch.Generator().manual_seed(0) for _ in range(2)]).images
+    assert stock[0].size == (32, 32)
     assert pipe.vae.config.shift_factor == 0.0 and pipe.transformer.dtype == torch.float32
+    # hypersd's own path: MiniLM in both slots, its 32 tokens, the VAE's 32 px, true CFG
+    ours = generate(["rocket", "red apple"], model=str(out), recipe="mini-flow", steps=2, seed=0).images
+    for a, b in zip(stock, ours):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_missing_bundled_flow_model_says_how_to_make_it(monkeypatch, tmp_path):
+    from hypersd.errors import UserError
+    from hypersd.generate import loading
+    monkeypatch.setattr(loading, "MINI_FLOW_DIR", tmp_path / "nowhere")
+    with pytest.raises(UserError, match="scripts/train_flow.sh"):
+        loading.load_pipeline("mini-flow")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from hypersd.bench import cpu_name
 from hypersd.distill.data import Batch, map_cond
 
 # case name -> (method, its fields, gradient checkpointing, mixed precision)
@@ -146,7 +147,7 @@ def _row(r: dict) -> str:
 def _write(rows: list[dict], cfg: RealSizeConfig) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = _cpu_name()
+    cpu = cpu_name()
     meta = {**asdict(cfg), "threads": torch.get_num_threads(), "cpu": cpu, "torch": torch.__version__}
     (out / f"{cfg.model}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     lines = [f"`hypersd bench realsize --model {cfg.model}`: one training step of the real-size "
@@ -155,16 +156,6 @@ def _write(rows: list[dict], cfg: RealSizeConfig) -> None:
              "| case | method | grad. checkpointing | precision | phases | step s | peak RSS GiB |",
              "|---|---|---|---|---|---:|---:|", *map(_row, rows)]
     (out / f"{cfg.model}.md").write_text("\n".join(lines) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":  # one case, in its own process: print its row as JSON

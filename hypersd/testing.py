@@ -138,3 +138,18 @@ def tiny_sd3(seed: int = 0):
         text_encoder_3=_t5(64), tokenizer_3=_tokenizer(T5_TOKENS), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def random_examples(pipe, n: int = 8):
+    """``n`` random 16x16 images captioned "emoji 0", "emoji 1", ..., as training examples."""
+    from hypersd.distill.data import LatentCaptions
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
+    return LatentCaptions(pipe, images, [f"emoji {i}" for i in range(n)])
+
+
+def tiny_run(folder, stages, **fields):
+    """A run of ``stages`` into ``folder``/run: a rank-4 LoRA, a checkpoint every 2 steps."""
+    from hypersd.distill.recipe import LoraSettings, RunConfig
+    return RunConfig(stages=stages, output_dir=str(folder / "run"), checkpoint_every=2,
+                     lora=LoraSettings(rank=4, alpha=4.0), **fields)

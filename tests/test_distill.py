@@ -9,12 +9,11 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from hypersd.checkpoint import latest
-from hypersd.distill.data import LatentCaptions
 from hypersd.distill.loop import distill
 from hypersd.distill.methods.consistency import TSCDConfig
-from hypersd.distill.recipe import LoraSettings, RunConfig, StageConfig, load_run
+from hypersd.distill.recipe import RunConfig, StageConfig, load_run
 from hypersd.errors import UserError
-from hypersd.testing import tiny_sd15, tiny_sdxl
+from hypersd.testing import random_examples, tiny_run, tiny_sd15, tiny_sdxl
 
 
 def checkpoint_state(folder: Path) -> dict:
@@ -26,16 +25,7 @@ BUILD = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}
 RECIPES = Path(__file__).resolve().parents[1] / "hypersd" / "recipes" / "distill"
 
 
-def _examples(pipe, n=8):
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
-    return LatentCaptions(pipe, images, [f"emoji {i}" for i in range(n)])
-
-
-def _run(tmp_path, stages, **kw):
-    return RunConfig(stages=stages, output_dir=str(tmp_path / "run"), checkpoint_every=2,
-                     lora=LoraSettings(rank=4, alpha=4.0),
-                     **kw)
+_examples, _run = random_examples, tiny_run
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -7,29 +7,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hypersd.distill.data import LatentCaptions
 from hypersd.distill.denoiser import Denoiser
 from hypersd.distill.family import family_of, prompt_cond
 from hypersd.distill.flow import trailing_sigmas
 from hypersd.distill.loop import distill
 from hypersd.distill.process import process_of
-from hypersd.distill.recipe import LoraSettings, RunConfig, StageConfig
+from hypersd.distill.recipe import StageConfig
 from hypersd.distill.schedule import trailing_timesteps
-from hypersd.testing import tiny_flux, tiny_sd3
+from hypersd.testing import random_examples, tiny_flux, tiny_run, tiny_sd3
 
 BUILD = {"flux": tiny_flux, "sd3": tiny_sd3}
 PROMPT = "emoji 3"
 
 
-def _examples(pipe, n=8):
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
-    return LatentCaptions(pipe, images, [f"emoji {i}" for i in range(n)])
-
-
-def _run(tmp_path, stages, **kw):
-    return RunConfig(stages=stages, output_dir=str(tmp_path / "run"), checkpoint_every=2,
-                     lora=LoraSettings(rank=4, alpha=4.0), **kw)
+_examples, _run = random_examples, tiny_run
 
 
 def _stock_latents(pipe, steps: int, family: str, seed: int = 0) -> torch.Tensor:

@@ -28,7 +28,9 @@ def test_flow_phase_trains_resumes_hands_off_and_exports(tmp_path):
     train_teacher(TeacherConfig(steps=4, **common))  # resumes from step 2
     assert sorted(p.name for p in (tmp_path / "run" / "flow-checkpoints").iterdir()) == \
         ["step-00000002", "step-00000004"]
-    assert handoff.exists()
+    from safetensors import safe_open
+    with safe_open(str(handoff), "pt") as f:  # fp16, half what a session commits
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     assert handoff_from_checkpoint(tmp_path / "run", str(tmp_path / "again.safetensors"), "flow") == 4
     # another machine: no checkpoints, the handoff file only
     moved = dict(common, run_dir=str(tmp_path / "elsewhere"))

@@ -71,6 +71,9 @@ def _images(data: Emoji32, device, limit: int = 0) -> torch.Tensor:
 
 
 HANDOFF_PHASES = ("unet", "flow")  # phases whose weights + EMA can travel in git between machines
+# The flow model's travels in fp16, half what a session commits: a resume continues from weights
+# rounded once (relative error 5e-4), with a fresh optimizer as every handoff resume has.
+HANDOFF_DTYPE = {"unet": torch.float32, "flow": torch.float16}
 INIT_RECORD = "unet-init.json"  # in run_dir: the pipeline a fine-tune started from
 
 
@@ -276,7 +279,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             if out_of_time:
                 break
     if cfg.phase in HANDOFF_PHASES and cfg.uses_handoff and accelerator.is_main_process:
-        _save_handoff(cfg.handoff, accelerator.unwrap_model(model), ema, step + 1)
+        _save_handoff(cfg.handoff, accelerator.unwrap_model(model), ema, step + 1, HANDOFF_DTYPE[cfg.phase])
     accelerator.end_training()
     return run_dir
 
@@ -293,10 +296,10 @@ def _task(cfg: TeacherConfig, run_dir: Path, device):
     return _UnetTask(cfg, run_dir, device)
 
 
-def _save_handoff(path: str, model, ema, step: int) -> None:
-    """Model and EMA weights in fp32 (no optimizer state): small enough to keep in git."""
-    tensors = {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{i}": p.detach().float().contiguous() for i, p in enumerate(ema.shadow_params)})
+def _save_handoff(path: str, model, ema, step: int, dtype=torch.float32) -> None:
+    """Model and EMA weights (no optimizer state): small enough to keep in git."""
+    tensors = {f"model.{k}": v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{i}": p.detach().to(dtype).contiguous() for i, p in enumerate(ema.shadow_params)})
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"step": str(step), "ema_step": str(ema.optimization_step)})
 
@@ -318,7 +321,7 @@ def handoff_from_checkpoint(run_dir: str | Path, path: str, phase: str = "unet")
     model.load_state_dict(last.state("model"))
     ema = EMAModel(model.parameters())
     ema.load_state_dict(last.state("ema"))
-    _save_handoff(path, model, ema, last.step)
+    _save_handoff(path, model, ema, last.step, HANDOFF_DTYPE[phase])
     return last.step
 
 

@@ -348,3 +348,31 @@ def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, data):
     moved = _settings(tmp_path, str(data["folder"]))
     moved.num_workers = 1
     distill(_run(tmp_path, moved, steps=4), pipe=tiny_sd15())
+
+
+@pytest.mark.parametrize("kind", ["folder", "prompts"])
+def test_the_mini_model_distils_on_a_folder_or_prompt_file_made_from_emoji32(tmp_path, kind):
+    """`hypersd distill hyper-sd-mini --data SOURCE` end to end on the bundled mini model: a
+    folder of 12 emoji32 images with metadata.jsonl, or a file of their captions (DMD2, which
+    trains from prompts alone)."""
+    from hypersd.data import load_emoji32
+    emoji = load_emoji32()
+    idx = emoji.indices("distill")[:12]
+    if kind == "folder":
+        source = tmp_path / "emoji"
+        source.mkdir()
+        with (source / "metadata.jsonl").open("w") as f:
+            for i in idx:
+                Image.fromarray(emoji.images[i]).save(source / f"{i}.png")
+                f.write(json.dumps({"file_name": f"{i}.png", "text": emoji.captions[i]}) + "\n")
+        recipe, stage = "hyper-sd-mini-mse", ["stages=[{method: tscd, segments: 4, steps: 2, batch_size: 4}]"]
+    else:
+        source = tmp_path / "prompts.txt"
+        source.write_text("\n".join(emoji.captions[i] for i in idx) + "\n")
+        recipe, stage = "dmd2-mini", ["stages=[{method: dmd2, steps: 2, batch_size: 4, update_ratio: 1}]"]
+    out = tmp_path / "run"
+    sets = [x for s in stage + [f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0"]
+            for x in ("--set", s)]
+    assert main(["distill", recipe, "--data", str(source), *sets]) == 0
+    assert len(list(out.glob("*.safetensors"))) >= 1
+    assert (kind == "folder") == (tmp_path / "cache").exists()  # prompts alone need no latents

@@ -34,6 +34,7 @@ from hypersd.distill.sources import read_prompts
 from hypersd.generate.loading import check_lora_file, load_unet, parse_lora
 
 REFERENCE = ("teacher", 25)  # (recipe, steps) of the teacher reference set
+REFERENCE_RECIPES = {"flux": "mini-flow"}  # a flow model's own many-step recipe (others: "teacher")
 COLUMNS = [("fd", "FD→data ↓"), ("fd_teacher", "FD→teacher ↓"), ("top1", "top-1 % ↑"),
            ("top5", "top-5 % ↑"), ("diversity", "diversity"), ("clip", "CLIP ↑"),
            ("aesthetic", "aesthetic ↑"), ("imagereward", "ImageReward ↑"), ("fid", "FID ↓"),
@@ -307,7 +308,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     scoring = Scoring(cfg)
     pipe = load_pipeline(cfg.model)
     tag = f"{'prompts-' + _slug(Path(cfg.prompts).stem) if cfg.prompts else cfg.split}-n{cfg.samples}-s{cfg.seed}"
-    reference_recipe, teacher = resolve_recipe(REFERENCE[0], steps=REFERENCE[1]), None
+    from hypersd.generate.loading import model_family
+    reference_recipe = resolve_recipe(REFERENCE_RECIPES.get(model_family(pipe), REFERENCE[0]), steps=REFERENCE[1])
+    teacher = None
     if scoring.mini is not None:  # the teacher's own samples: FD→teacher compares with them
         teacher = generate_set(pipe, reference_recipe, prompts, seeds,
                                out / "images" / f"reference-{tag}", cfg.batch, "teacher reference")

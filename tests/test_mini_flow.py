@@ -51,6 +51,12 @@ def test_flow_phase_trains_resumes_hands_off_and_exports(tmp_path):
     ours = generate(["rocket", "red apple"], model=str(out), recipe="mini-flow", steps=2, seed=0).images
     for a, b in zip(stock, ours):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and hypersd eval: its reference set is the flow model's own 25-step recipe
+    from hypersd.evaluate import EvalConfig, run_eval
+    rows = run_eval(EvalConfig(model=str(out), recipe="flow-student", steps=[1], samples=4, batch=4,
+                               out_dir=str(tmp_path / "eval"), grid_prompts=2))
+    assert set(rows) == {"flow-student@1"} and rows["flow-student@1"]["fd_teacher"] >= 0
+    assert len(list((tmp_path / "eval" / "images").glob("reference-*/*.png"))) == 4
 
 
 def test_a_missing_bundled_flow_model_says_how_to_make_it(monkeypatch, tmp_path):

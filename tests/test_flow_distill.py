@@ -37,7 +37,7 @@ def _our_latents(pipe, steps: int, family: str, role_net=None, seed: int = 0) ->
     fam = family_of(pipe)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(1, *fam.latent_shape, generator=g)  # both pipelines draw it unpacked
-    den = Denoiser(role_net or fam.net, process_of(pipe.scheduler), "flow", fam.call)
+    den = Denoiser(role_net or fam.net, fam.process, "flow", fam.call)
     path = np.append(trailing_timesteps(steps), -1)
     return den.solve(noise, path, prompt_cond(pipe, fam, [PROMPT]))
 
@@ -128,3 +128,13 @@ def test_token_features_are_grids_after_each_block_with_gradient(family, count, 
     assert len(feats) == count and all(f.shape[0] == 2 and f.shape[-2:] == (side, side) for f in feats)
     feats[0].sum().backward()
     assert x.grad.abs().sum() > 0
+
+
+def test_a_resolution_shift_is_the_one_the_pipeline_applies_at_the_models_size():
+    """FLUX.1-dev's scheduler shifts by the image's token count (e^μ): the family's process takes
+    that shift at the model's own size, so our sampler still matches the pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    pipe = tiny_flux()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    assert family_of(pipe).process.shift == pytest.approx(np.exp(0.5 + 0.65 * (16 - 256) / 3840))
+    torch.testing.assert_close(_our_latents(pipe, 4, "flux"), _stock_latents(pipe, 4, "flux"), atol=1e-5, rtol=1e-4)

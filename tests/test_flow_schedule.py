@@ -145,7 +145,9 @@ def test_vp_renoise_is_the_ratio_formula():
 def test_process_of_reads_the_scheduler():
     assert isinstance(process_of(FlowMatchEulerDiscreteScheduler(shift=3.0)), Flow)
     assert process_of(FlowMatchEulerDiscreteScheduler(shift=3.0)).shift == 3.0
-    assert process_of(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)).shift == 1.0
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    assert process_of(dynamic).shift == 1.0  # no image size: no shift
+    assert process_of(dynamic, 4096).shift == pytest.approx(math.exp(1.15))
 
 
 def test_denoiser_refuses_a_vp_parameterisation_for_a_flow():

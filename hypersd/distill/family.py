@@ -80,8 +80,9 @@ def family_of(pipe) -> Family:
                          "FLUX pipeline")
     res = vae.config.sample_size  # transformers have no sample size: the VAE's is the model's
     seq = short_window(pipe, name) or 0  # 0: the pipeline's own default window
+    tokens = (res // scale // 2) ** 2  # FLUX's and SD3's 2x2 patches: the pipelines' image_seq_len
     return Family(name, pipe.transformer, flux_call if name == "flux" else sd3_call, res,
-                  (channels, res // scale, res // scale), "transformer", process_of(pipe.scheduler), seq)
+                  (channels, res // scale, res // scale), "transformer", process_of(pipe.scheduler, tokens), seq)
 
 
 @torch.no_grad()

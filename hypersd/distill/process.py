@@ -17,6 +17,8 @@ parameterisations into (x̂₀, ε̂) and back (the network's training target).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -152,10 +154,18 @@ class Flow(Process):
         return flow.velocity(x0, eps)
 
 
-def process_of(scheduler):
-    """The forward process of a diffusers scheduler: Flow for flow-matching schedulers (their
-    static shift; a dynamic shift is taken at μ = 0, i.e. 1), else VP from its ᾱ."""
+def process_of(scheduler, image_seq_len: int | None = None):
+    """The forward process of a diffusers scheduler: VP from its ᾱ, or Flow at its static shift;
+    a resolution-dependent shift is the one its pipeline applies at ``image_seq_len`` tokens
+    (e^μ, μ linear in the token count [FLUX.1]; 1 without a token count)."""
     cfg = scheduler.config
-    if "FlowMatch" in type(scheduler).__name__:
-        return Flow(1.0 if cfg.get("use_dynamic_shifting") else cfg.get("shift", 1.0), cfg.num_train_timesteps)
-    return VP(scheduler.alphas_cumprod.double())
+    if "FlowMatch" not in type(scheduler).__name__:
+        return VP(scheduler.alphas_cumprod.double())
+    if not cfg.get("use_dynamic_shifting"):
+        return Flow(cfg.get("shift", 1.0), cfg.num_train_timesteps)
+    if image_seq_len is None:
+        return Flow(1.0, cfg.num_train_timesteps)
+    mu = flow.flux_mu(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                      cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    shift = mu if cfg.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+    return Flow(shift, cfg.num_train_timesteps)

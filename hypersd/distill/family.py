@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from hypersd.distill.denoiser import unet_call
+from hypersd.errors import UserError
 from hypersd.distill.process import Process, process_of
 from hypersd.generate.flow import short_window
 from hypersd.models.flux import flux_call
@@ -32,7 +33,7 @@ def sd3_call(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Family:
-    name: str                          # "sd" | "sdxl" | "sd3" | "flux"
+    name: str                          # "sd15" | "sdxl" | "sd3" | "flux" (generate.loading.model_family)
     net: torch.nn.Module = field(repr=False)  # the denoising network
     call: Callable                     # its call convention (``Denoiser``'s ``call``)
     resolution: int                    # the image side it is trained at, in pixels
@@ -61,23 +62,21 @@ class Family:
     @property
     def metadata_base(self) -> str:
         """The base its LoRA headers name (``hypersd.lora.metadata``)."""
-        return {"sd": "sd1"}.get(self.name, self.name)
+        return {"sd15": "sd1"}.get(self.name, self.name)
 
 
 def family_of(pipe) -> Family:
-    """The family of a loaded diffusers pipeline."""
-    vae = pipe.vae
-    scale = pipe.vae_scale_factor
-    channels = vae.config.latent_channels
-    if hasattr(pipe, "unet"):
+    """The family of a loaded diffusers pipeline (its name as ``generate`` tells it)."""
+    from hypersd.generate.loading import model_family
+    vae, scale = pipe.vae, pipe.vae_scale_factor
+    channels, name = vae.config.latent_channels, model_family(pipe)
+    if name in ("sd15", "sdxl"):
         res = pipe.unet.config.sample_size * scale
-        name = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
         return Family(name, pipe.unet, unet_call, res, (channels, res // scale, res // scale), "unet",
                       process_of(pipe.scheduler))
-    name = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}.get(type(pipe).__name__)
-    if name is None:
-        raise ValueError(f"{type(pipe).__name__} cannot be distilled here: use an SD1.5, SDXL, SD3 or "
-                         "FLUX pipeline")
+    if name not in ("sd3", "flux"):
+        raise UserError(f"{type(pipe).__name__} models cannot be distilled here yet: use an SD1.5, SDXL, "
+                        "SD3 or FLUX model")
     res = vae.config.sample_size  # transformers have no sample size: the VAE's is the model's
     seq = short_window(pipe, name) or 0  # 0: the pipeline's own default window
     tokens = (res // scale // 2) ** 2  # FLUX's and SD3's 2x2 patches: the pipelines' image_seq_len

@@ -153,3 +153,27 @@ def tiny_run(folder, stages, **fields):
     from hypersd.distill.recipe import LoraSettings, RunConfig
     return RunConfig(stages=stages, output_dir=str(folder / "run"), checkpoint_every=2,
                      lora=LoraSettings(rank=4, alpha=4.0), **fields)
+
+
+def full_and_resumed(build, folder, steps: int = 4, stop: int = 2, **stage):
+    """One TSCD stage (``stage``: its fields) on ``build()``'s pipeline, trained in one go, and
+    again stopped after ``stop`` steps (its export removed, as if interrupted) then resumed:
+    the two exported LoRA paths."""
+    from hypersd.distill.loop import distill
+    from hypersd.distill.recipe import StageConfig
+
+    def train(name: str, n: int):
+        pipe = build()
+        runs = tiny_run(folder / name, [StageConfig.make(method="tscd", steps=n, batch_size=2, lr=1e-3, **stage)])
+        return distill(runs, examples=random_examples(pipe), pipe=pipe)[0]
+    full = train("a", steps)
+    train("b", stop).unlink()
+    return full, train("b", steps)
+
+
+def assert_same_weights(path_a, path_b, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    """Every tensor of the safetensors file ``path_a`` equals ``path_b``'s, within tolerance."""
+    from safetensors import safe_open
+    with safe_open(str(path_a), "pt") as a, safe_open(str(path_b), "pt") as b:
+        for key in a.keys():
+            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=atol, rtol=rtol)

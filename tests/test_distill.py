@@ -13,7 +13,7 @@ from hypersd.distill.loop import distill
 from hypersd.distill.methods.consistency import TSCDConfig
 from hypersd.distill.recipe import RunConfig, StageConfig, load_run
 from hypersd.errors import UserError
-from hypersd.testing import random_examples, tiny_run, tiny_sd15, tiny_sdxl
+from hypersd.testing import assert_same_weights, full_and_resumed, random_examples, tiny_run, tiny_sd15, tiny_sdxl
 
 
 def checkpoint_state(folder: Path) -> dict:
@@ -57,18 +57,8 @@ def test_cfg_preserving_stage_trains_and_names_its_recipe(tmp_path):
 
 
 def test_resume_gives_the_same_weights(tmp_path):
-    stages = [StageConfig.make(method="tscd", segments=4, steps=4, batch_size=2, lr=1e-3)]
-    pipe = tiny_sd15()
-    full, = distill(_run(tmp_path / "a", stages), examples=_examples(pipe), pipe=pipe)
-    pipe = tiny_sd15()
-    run = _run(tmp_path / "b", [StageConfig.make(method="tscd", segments=4, steps=2, batch_size=2, lr=1e-3)])
-    distill(run, examples=_examples(pipe), pipe=pipe)
-    (tmp_path / "b" / "run" / "0-tscd-k4.safetensors").unlink()  # as if interrupted after step 2
-    pipe = tiny_sd15()
-    resumed, = distill(_run(tmp_path / "b", stages), examples=_examples(pipe), pipe=pipe)
-    with safe_open(str(full), "pt") as a, safe_open(str(resumed), "pt") as b:
-        for key in a.keys():
-            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=1e-5)
+    full, resumed = full_and_resumed(tiny_sd15, tmp_path, segments=4)  # stopped after step 2
+    assert_same_weights(full, resumed)
 
 
 def test_stages_chain_and_recipe_errors(tmp_path):
@@ -176,9 +166,7 @@ def test_adversarial_stage_trains_and_resumes(tmp_path, family):
     (tmp_path / "b" / "run" / "0-tscd-k2.safetensors").unlink()
     pipe = BUILD[family]()
     resumed, = distill(_run(tmp_path / "b", [StageConfig.make(steps=4, **stage)]), examples=_examples(pipe), pipe=pipe)
-    with safe_open(str(full), "pt") as a, safe_open(str(resumed), "pt") as b:
-        for key in a.keys():
-            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=1e-5)
+    assert_same_weights(full, resumed)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))

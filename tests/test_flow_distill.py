@@ -14,7 +14,7 @@ from hypersd.distill.loop import distill
 from hypersd.distill.process import process_of
 from hypersd.distill.recipe import StageConfig
 from hypersd.distill.schedule import trailing_timesteps
-from hypersd.testing import random_examples, tiny_flux, tiny_run, tiny_sd3
+from hypersd.testing import assert_same_weights, full_and_resumed, random_examples, tiny_flux, tiny_run, tiny_sd3
 
 BUILD = {"flux": tiny_flux, "sd3": tiny_sd3}
 PROMPT = "emoji 3"
@@ -96,18 +96,8 @@ def test_exported_lora_gives_stock_diffusers_the_same_images(tmp_path, family):
 
 
 def test_flow_stage_resumes_to_the_same_weights(tmp_path):
-    stages = [StageConfig.make(method="tscd", segments=2, steps=4, batch_size=2, lr=1e-3)]
-    pipe = tiny_flux()
-    full, = distill(_run(tmp_path / "a", stages), examples=_examples(pipe), pipe=pipe)
-    pipe = tiny_flux()
-    half = [StageConfig.make(method="tscd", segments=2, steps=2, batch_size=2, lr=1e-3)]
-    distill(_run(tmp_path / "b", half), examples=_examples(pipe), pipe=pipe)
-    (tmp_path / "b" / "run" / "0-tscd-k2.safetensors").unlink()  # as if interrupted after step 2
-    pipe = tiny_flux()
-    resumed, = distill(_run(tmp_path / "b", stages), examples=_examples(pipe), pipe=pipe)
-    with safe_open(str(full), "pt") as a, safe_open(str(resumed), "pt") as b:
-        for key in a.keys():
-            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=1e-5)
+    full, resumed = full_and_resumed(tiny_flux, tmp_path, segments=2)  # stopped after step 2
+    assert_same_weights(full, resumed)
 
 
 def test_family_reads_the_pipeline():

@@ -123,11 +123,13 @@ class Flow(Process):
 
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = flow.T):
         self.shift, self.T = float(shift), num_train_timesteps
+        u = np.arange(num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps
+        self.sigmas = torch.as_tensor(flow.shift_sigmas(u, self.shift))  # σ at t = -1, 0, ..., T - 1
+        self.alphas = torch.as_tensor(flow.vp_alpha(self.sigmas.numpy()))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """σ(t) = shift((t + 1) / T), float64: σ(-1) = 0, σ(T - 1) = 1."""
-        u = (t.to(torch.float64) + 1) / self.T
-        return torch.as_tensor(flow.shift_sigmas(u.cpu().numpy(), self.shift), device=t.device)
+        """σ(t) = shift((t + 1) / T), float64: σ(-1) = 0, σ(T - 1) = 1 (a table, as VP's ᾱ)."""
+        return self.sigmas.to(t.device)[t + 1]
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.sigma(t)
@@ -135,7 +137,7 @@ class Flow(Process):
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ of the VP point with the same signal-to-noise ratio (for SNR-based weights)."""
-        return torch.as_tensor(flow.vp_alpha(self.sigma(t).cpu().numpy()), device=t.device)
+        return self.alphas.to(t.device)[t + 1]
 
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
         """σ·T, the scheduler's timestep (FLUX's transformer is given it / T, as its pipeline does)."""

@@ -80,3 +80,19 @@ def test_bad_lora_files(tmp_path):
         read_lora(empty)
     assert main(["lora", "convert", str(empty), str(tmp_path / "o.safetensors"), "--to", "kohya"]) == 2
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("module, base, version", [
+    ("transformer.single_transformer_blocks.0.proj_out", "flux", "flux1"),
+    ("transformer.transformer_blocks.0.attn.to_q", "sd3", "sd3")])
+def test_a_flow_transformers_lora_keeps_its_base_through_a_rewrite(tmp_path, module, base, version):
+    from safetensors import safe_open
+    path = tmp_path / "plain.safetensors"  # no header: the base is read off the module names
+    save_file({f"{module}.lora_A.weight": torch.randn(4, 8), f"{module}.lora_B.weight": torch.randn(8, 4)}, path)
+    assert read_lora(path).base == base
+    half = write_lora(read_lora(path), tmp_path / "half.safetensors", dtype="fp16")
+    with safe_open(str(half), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == version
+    assert read_lora(half).base == base  # and from the header written
+    with pytest.raises(UserError, match="kohya names"):
+        to_format(read_lora(half), "kohya")

@@ -26,13 +26,18 @@ _OURS = ("ss_", "modelspec.")
 
 
 def base_of(names, metadata: dict[str, str], cross_dims=()) -> str:
-    """SD1 or SDXL, from the header, else the module names (a second text encoder, kohya's
-    ``lora_te1_``, deep transformers), else the width cross-attention keys read (2048: SDXL)."""
+    """SD1, SDXL, SD3 or FLUX, from the header, else the module names (a flow transformer's
+    ``transformer.``, FLUX's single-stream blocks, a second text encoder, kohya's ``lora_te1_``,
+    deep transformers), else the width cross-attention keys read (2048: SDXL)."""
     version = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
-    if "sdxl" in version or "stable-diffusion-xl" in version:
-        return SDXL
+    for base, marks in ((FLUX, ("flux",)), (SD3, ("sd3", "stable-diffusion-3")),
+                        (SDXL, ("sdxl", "stable-diffusion-xl"))):
+        if any(mark in version for mark in marks):
+            return base
     if version:
         return SD1
+    if any(n.startswith("transformer.") for n in names):
+        return FLUX if any(".single_transformer_blocks." in n for n in names) else SD3
     if any(n.startswith(("text_encoder_2.", "lora_te1_", "lora_te2_")) for n in names):
         return SDXL
     if any("transformer_blocks.1." in n or "transformer_blocks_1_" in n for n in names):

@@ -1,7 +1,9 @@
-"""Tiny randomly initialised SD1.5- and SDXL-shaped pipelines, built from configs offline.
+"""Tiny randomly initialised SD1.5-, SDXL-, SD3-, FLUX- and Qwen-Image-shaped pipelines, built
+from configs offline.
 
 They exercise the real loading, LoRA and sampling code paths without any download: the
-tokenizer is MiniLM's (shipped by a package), the text encoders are tiny CLIP models.
+tokenizer is MiniLM's (shipped by a package), the text encoders are tiny CLIP, T5 and
+Qwen2.5-VL models.
 """
 
 from __future__ import annotations
@@ -136,6 +138,42 @@ def tiny_sd3(seed: int = 0):
         text_encoder=CLIPTextModelWithProjection(_clip_config(32)), tokenizer=_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(32)), tokenizer_2=_tokenizer(),
         text_encoder_3=_t5(64), tokenizer_3=_tokenizer(T5_TOKENS), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# Qwen/Qwen-Image's scheduler_config.json
+QWEN_IMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                        "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
+                        "time_shift_type": "exponential"}
+
+
+def tiny_qwen_image(seed: int = 0):
+    """A Qwen-Image-shaped pipeline: a Qwen2.5-VL text encoder over MiniLM's vocabulary, the
+    MMDiT on 2x2 patches, the causal 3D-conv VAE (2x downsampling here) with per-channel latent
+    statistics (both used, as Qwen-Image's), Qwen-Image's scheduler; it draws 16x16 images
+    unless told (``default_sample_size``: 8 latents a side)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[0.9, 1.2, 1.0, 0.8])
+    text = dict(vocab_size=30522, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default"},
+                max_position_embeddings=2048, bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                  fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=30000, video_token_id=30001,
+                              vision_start_token_id=30002, vision_end_token_id=30003)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # 512 tokens: the whole chat template, as Qwen2's
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, tokenizer=tokenizer,
+                             text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+                             scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER))
+    pipe.default_sample_size = 8
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -22,7 +22,7 @@ from hypersd.distill.recipe import DataSettings, LoraSettings, RunConfig, StageC
 from hypersd.distill.sources.webdataset import expand_braces
 from hypersd.errors import UserError
 from hypersd.generate import loading
-from hypersd.testing import add_to_tar, assert_same_weights, tiny_flux, tiny_sd15, tiny_sdxl
+from hypersd.testing import add_to_tar, assert_same_weights, tiny_flux, tiny_qwen_image, tiny_sd15, tiny_sdxl
 
 SIZES = [(20, 20), (28, 20), (20, 30), (24, 24), (20, 26), (32, 20)]  # (width, height)
 CAPTIONS = ["a red square", "a blue ghost", "a green apple", "a cat face", "a rocket", "a star"]
@@ -134,13 +134,16 @@ def test_sdxl_time_ids_are_each_images_size_and_crop(tmp_path, data):
     assert lora.exists()
 
 
-def test_a_flux_model_trains_from_cached_shards(tmp_path, data):
-    pipe = tiny_flux()
+@pytest.mark.parametrize("build, cond", [(tiny_flux, {"encoder_hidden_states", "pooled_projections"}),
+                                         (tiny_qwen_image, {"encoder_hidden_states", "encoder_hidden_states_mask"})])
+def test_a_flow_model_trains_from_cached_shards(tmp_path, data, build, cond):
+    """FLUX's and Qwen-Image's (one-frame video VAE, per-channel latent statistics) latents cached."""
+    pipe = build()
     run = _run(tmp_path, _settings(tmp_path, str(data["shards"])))
     lora, = distill(run, pipe=pipe)
     assert lora.exists()
     batch = examples_for(pipe, run).sample(2, torch.Generator().manual_seed(0))
-    assert set(batch.cond) == {"encoder_hidden_states", "pooled_projections"}
+    assert set(batch.cond) == cond and batch.latents.shape == (2, 4, 8, 8)
 
 
 def test_the_cache_is_built_once_and_reused(tmp_path, data):

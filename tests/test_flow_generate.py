@@ -24,7 +24,7 @@ from hypersd.generate import generate, get_recipe, load_loras, load_pipeline, re
 from hypersd.generate.fast import FastPipeline, fuse_loras
 from hypersd.generate.loading import recipe_settings
 from hypersd.generate.recipes import load_recipes
-from hypersd.testing import tiny_flux, tiny_sd3
+from hypersd.testing import QWEN_IMAGE_SCHEDULER, tiny_flux, tiny_qwen_image, tiny_sd3
 
 SIZE = 16  # pixels a side: FLUX and Qwen-Image draw 128x128 latents unless told
 # The published models' scheduler configs (their repositories' scheduler_config.json)
@@ -34,9 +34,7 @@ SCHEDULERS = {
                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
     "flux-schnell": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
                      "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
-    "qwen-image": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-                   "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
-                   "time_shift_type": "exponential"},
+    "qwen-image": QWEN_IMAGE_SCHEDULER,
 }
 # Qwen-Image-Lightning's card builds its scheduler from this config, not the model's
 LIGHTNING_SCHEDULER = {"base_image_seq_len": 256, "base_shift": math.log(3), "invert_sigmas": False,
@@ -65,34 +63,6 @@ CARDS = {
     "qwen-image-lightning-8step": ("qwen-image", 1.0, LIGHTNING_SCHEDULER,
                                    dict(num_inference_steps=8, true_cfg_scale=1.0, negative_prompt=" ")),
 }
-
-
-def tiny_qwen_image(seed: int = 0) -> QwenImagePipeline:
-    """A Qwen-Image-shaped pipeline: a Qwen2.5-VL text encoder over MiniLM's vocabulary, the
-    MMDiT on 2x2 patches, the causal 3D-conv VAE (2x downsampling here)."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from hypersd.models.mini import minilm_path
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
-                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                              guidance_embeds=False, axes_dims_rope=(2, 2, 4))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
-                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    text = dict(vocab_size=30522, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default"},
-                max_position_embeddings=2048, bos_token_id=101, eos_token_id=102, pad_token_id=0)
-    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                  fullatt_block_indexes=[0])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=30000, video_token_id=30001,
-                              vision_start_token_id=30002, vision_end_token_id=30003)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # 512 tokens: the whole chat template, as Qwen2's
-    pipe = QwenImagePipeline(transformer=transformer, vae=vae, tokenizer=tokenizer,
-                             text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
-                             scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["qwen-image"]))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _build(model: str):

@@ -84,7 +84,8 @@ def test_bad_lora_files(tmp_path):
 
 @pytest.mark.parametrize("module, base, version", [
     ("transformer.single_transformer_blocks.0.proj_out", "flux", "flux1"),
-    ("transformer.transformer_blocks.0.attn.to_q", "sd3", "sd3")])
+    ("transformer.transformer_blocks.0.attn.to_q", "sd3", "sd3"),
+    ("transformer.transformer_blocks.0.img_mlp.net.2", "qwen-image", "qwen_image")])
 def test_a_flow_transformers_lora_keeps_its_base_through_a_rewrite(tmp_path, module, base, version):
     from safetensors import safe_open
     path = tmp_path / "plain.safetensors"  # no header: the base is read off the module names

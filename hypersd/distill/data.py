@@ -113,24 +113,24 @@ class Prompts:
 
 class LatentCaptions(Prompts):
     """Images (N, 3, H, W in [-1, 1]) and their captions, cached for training: a batch's
-    latents are drawn from each image's VAE posterior, z ~ N(mean, std²), and scaled."""
+    latents are drawn from each image's VAE posterior, z ~ N(mean, std²), and normalised as the
+    family's pipeline expects (``hypersd.distill.latents``)."""
 
     has_images = True
 
     @torch.no_grad()
     def __init__(self, pipe, images: torch.Tensor, captions: list[str], chunk: int = 256,
                  caption_dropout: float = 0.0):
-        vae = pipe.vae
-        dists = [vae.encode(images[i:i + chunk].to(vae.dtype)).latent_dist for i in range(0, len(images), chunk)]
-        self.mean = torch.cat([d.mean for d in dists]).float()
-        self.std = torch.cat([d.std for d in dists]).float()
-        self.scale = vae.config.scaling_factor
-        self.shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's and FLUX's VAEs
+        from hypersd.distill.latents import LatentScale, posterior
+        dists = [posterior(pipe.vae, images[i:i + chunk]) for i in range(0, len(images), chunk)]
+        self.mean = torch.cat([m for m, _ in dists])
+        self.std = torch.cat([s for _, s in dists])
+        self.normalise = LatentScale.of(pipe.vae.config)  # scaled, shifted or per-channel (Qwen-Image)
         super().__init__(pipe, captions, caption_dropout)
 
     def _latents(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         z = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)
-        return (z - self.shift) * self.scale
+        return self.normalise(z)
 
 
 def emoji32_examples(pipe, split: str = "distill", caption_dropout: float = 0.0) -> LatentCaptions:

@@ -3,8 +3,8 @@
 Everything downstream (solvers, losses, samplers) speaks x₀ and ε on one integer time axis
 (t = -1: the clean image). The forward process (``hypersd.distill.process``: VP for ε-, v- and
 x₀-predicting UNets, Flow for velocity-predicting transformers) maps t to its noise level and
-converts outputs; the network's call convention (``call``: a UNet's, FLUX's packed tokens)
-is the other thing that varies. Classifier-free guidance mixes the two predictions linearly,
+converts outputs; the network's call convention (``call``: a UNet's; FLUX's and Qwen-Image's
+packed tokens) is the other thing that varies. Classifier-free guidance mixes the two predictions linearly,
 ε̂ = ε̂_u + ω (ε̂_c - ε̂_u) (and so x̂₀ alike, in every parameterisation); LCM's "w" is ω - 1.
 """
 
@@ -42,7 +42,8 @@ def unet_call(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor
 
 class Denoiser:
     """Wraps a network; ``cond`` holds its keyword inputs (SD: encoder_hidden_states; SDXL also
-    added_cond_kwargs; FLUX: encoder_hidden_states and pooled_projections).
+    added_cond_kwargs; FLUX: encoder_hidden_states and pooled_projections; Qwen-Image:
+    encoder_hidden_states and encoder_hidden_states_mask).
 
     ``schedule`` is a ``process.Process``, or the ᾱ of a VP schedule."""
 

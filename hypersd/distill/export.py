@@ -27,8 +27,9 @@ def save_lora(state: dict[str, torch.Tensor], lora_config, path: str | Path, inf
               base: str | None = None) -> list[Path]:
     """Write ``path`` (diffusers keys ``unet.…lora_A.weight``) and ``path.kohya.safetensors``
     (sd-scripts' names; SDXL's in ``unet_config``'s original layout). A transformer's LoRA
-    (``prefix`` "transformer": SD3, FLUX) is written in diffusers' layout only; ``base`` names the
-    family in the header (``hypersd.lora.metadata``; default SD1, or SDXL with ``sdxl``).
+    (``prefix`` "transformer": SD3, FLUX, Qwen-Image) is written in diffusers' layout only;
+    ``base`` names the family in the header (``hypersd.lora.metadata``; default SD1, or SDXL
+    with ``sdxl``).
 
     ``info`` (base model, method, steps served, recommended recipe) goes into both headers
     under "hypersd", as JSON.
@@ -40,7 +41,7 @@ def save_lora(state: dict[str, torch.Tensor], lora_config, path: str | Path, inf
     tensors = {f"{prefix}.{k}": v.detach().float().contiguous() for k, v in state.items()}
     folded = {k: v * (alpha / r) if ".lora_B." in k else v for k, v in tensors.items()}
     peft_meta = {f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v)
-                 for k, v in dict(lora_config.to_dict(), lora_alpha=r).items()
+                 for k, v in _peft_config(lora_config, state).items()
                  if isinstance(v, (int, float, str, bool, list, set, type(None)))}
     ours = {"format": "pt", "hypersd": json.dumps(info, sort_keys=True)}
     base = base or (SDXL if sdxl else SD1)
@@ -54,6 +55,16 @@ def save_lora(state: dict[str, torch.Tensor], lora_config, path: str | Path, inf
     _save(folded, path, lora_metadata(dict(ours, **{METADATA_KEY: json.dumps(peft_meta, sort_keys=True)}),
                                       base, [r] * n, [float(r)] * n, path.stem))
     return [path] + written
+
+
+def _peft_config(lora_config, state: dict) -> dict:
+    """The peft config diffusers' loader rebuilds the adapter from (lora_alpha = rank: α is folded).
+    With modules excluded, its targets are the file's modules by name: the loader targets what the
+    file holds and would warn of suffix matches it lacks and of exclusions it never makes."""
+    config = dict(lora_config.to_dict(), lora_alpha=lora_config.r)
+    if config.get("exclude_modules"):
+        config.update(target_modules=sorted({k.split(".lora_")[0] for k in state}), exclude_modules=None)
+    return config
 
 
 def _save(tensors, path: Path, metadata: dict) -> None:

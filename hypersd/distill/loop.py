@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from hypersd import checkpoint
 from hypersd.distill.data import examples_for
 from hypersd.distill.export import save_lora
-from hypersd.distill.family import TRANSFORMER_LORA_TARGETS, Family, family_of
+from hypersd.distill.family import Family, family_of
 from hypersd.distill.networks import Networks
 from hypersd.distill.protocol import StageContext, methods
 from hypersd.distill.recipe import LCM_LORA_TARGETS, RunConfig
@@ -57,14 +57,16 @@ def replica_checksum(nets: Networks) -> float:
 
 
 def lora_config(run: RunConfig, fam: Family | None = None) -> LoraConfig | None:
-    """The student's LoRA; a transformer's targets are its projections unless the recipe names others."""
+    """The student's LoRA; a transformer's targets are its family's projections unless the recipe
+    names others, less the modules of the family that reach no output."""
     if run.full_unet:
         return None
     targets = run.lora.targets
-    if fam is not None and fam.lora_prefix == "transformer" and targets == LCM_LORA_TARGETS:
-        targets = TRANSFORMER_LORA_TARGETS
+    if fam is not None and fam.lora_targets and targets == LCM_LORA_TARGETS:
+        targets = fam.lora_targets
+    exclude = [m for m in (fam.lora_exclude if fam is not None else ()) if any(m.endswith(f".{t}") for t in targets)]
     return LoraConfig(r=run.lora.rank, lora_alpha=run.lora.alpha, target_modules=list(targets),
-                      init_lora_weights=True)
+                      exclude_modules=exclude or None, init_lora_weights=True)
 
 
 def make_accelerator(run: RunConfig) -> Accelerator:

@@ -6,8 +6,8 @@ grids) serves both:
 
   VP (SD1.5, SDXL):  x_t = √ᾱ_t·x₀ + √(1-ᾱ_t)·ε, ᾱ from the model's schedule;
                      Ψ to s is DDIM's step [Song et al. 2021, eq. 12, σ = 0].
-  Flow (SD3, FLUX):  σ(t) = shift((t + 1) / T), x_t = (1 - σ)·x₀ + σ·ε;
-                     Ψ to s is the point (1 - σ_s)·x̂₀ + σ_s·ε̂ on the predictions' line.
+  Flow (SD3, FLUX,   σ(t) = shift((t + 1) / T), x_t = (1 - σ)·x₀ + σ·ε;
+  Qwen-Image):       Ψ to s is the point (1 - σ_s)·x̂₀ + σ_s·ε̂ on the predictions' line.
 
 The flow axis is chosen so that a trailing k-step grid (T/k·n - 1) is σ = n/k: FLUX's and
 Qwen-Image's pipelines sample at σ = 1, (N-1)/N, ..., 1/N before their shift, and TSCD's
@@ -159,7 +159,11 @@ class Flow(Process):
 def process_of(scheduler, image_seq_len: int | None = None):
     """The forward process of a diffusers scheduler: VP from its ᾱ, or Flow at its static shift;
     a resolution-dependent shift is the one its pipeline applies at ``image_seq_len`` tokens
-    (e^μ, μ linear in the token count [FLUX.1]; 1 without a token count)."""
+    (e^μ, μ linear in the token count [FLUX.1, Qwen-Image]; 1 without a token count).
+
+    ``shift_terminal`` (Qwen-Image's 0.02) is not part of the process: the scheduler stretches
+    each N-step grid so its last σ lands there, a map that changes with N, so a sampler choice;
+    students are served without it (the flow-student recipe, as Qwen-Image-Lightning's card)."""
     cfg = scheduler.config
     if "FlowMatch" not in type(scheduler).__name__:
         return VP(scheduler.alphas_cumprod.double())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-SD1, SDXL, SD3, FLUX = "sd1", "sdxl", "sd3", "flux"
+SD1, SDXL, SD3, FLUX, QWEN_IMAGE = "sd1", "sdxl", "sd3", "flux", "qwen-image"
 _BASES = {
     SD1: {"ss_base_model_version": "sd_v1", "modelspec.architecture": "stable-diffusion-v1/lora",
           "modelspec.implementation": "diffusers"},
@@ -21,22 +21,27 @@ _BASES = {
           "modelspec.implementation": "diffusers"},
     FLUX: {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora",
            "modelspec.implementation": "diffusers"},
+    QWEN_IMAGE: {"ss_base_model_version": "qwen_image", "modelspec.architecture": "Qwen-Image/lora",
+                   "modelspec.implementation": "diffusers"},  # musubi-tuner's architecture name
 }
 _OURS = ("ss_", "modelspec.")
 
 
 def base_of(names, metadata: dict[str, str], cross_dims=()) -> str:
-    """SD1, SDXL, SD3 or FLUX, from the header, else the module names (a flow transformer's
-    ``transformer.``, FLUX's single-stream blocks, a second text encoder, kohya's ``lora_te1_``,
-    deep transformers), else the width cross-attention keys read (2048: SDXL)."""
+    """SD1, SDXL, SD3, FLUX or Qwen-Image, from the header, else the module names (a flow
+    transformer's ``transformer.``: FLUX's single-stream blocks, Qwen-Image's ``img_mlp``; a second
+    text encoder, kohya's ``lora_te1_``, deep transformers), else the width cross-attention keys
+    read (2048: SDXL)."""
     version = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
-    for base, marks in ((FLUX, ("flux",)), (SD3, ("sd3", "stable-diffusion-3")),
+    for base, marks in ((FLUX, ("flux",)), (QWEN_IMAGE, ("qwen",)), (SD3, ("sd3", "stable-diffusion-3")),
                         (SDXL, ("sdxl", "stable-diffusion-xl"))):
         if any(mark in version for mark in marks):
             return base
     if version:
         return SD1
     if any(n.startswith("transformer.") for n in names):
+        if any(".img_mlp." in n for n in names):
+            return QWEN_IMAGE
         return FLUX if any(".single_transformer_blocks." in n for n in names) else SD3
     if any(n.startswith(("text_encoder_2.", "lora_te1_", "lora_te2_")) for n in names):
         return SDXL

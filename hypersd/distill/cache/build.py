@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from hypersd.distill.cache import shards
+from hypersd.distill.latents import posterior
 from hypersd.distill.sources import Source
 from hypersd.distill.sources.images import fit
 from hypersd.errors import UserError
@@ -104,9 +105,9 @@ class ShardWriter:
     def add(self, items: list) -> None:
         vae = self.pipe.vae
         pixels = torch.stack([it[2] for it in items]).to(vae.device, torch.float32).div(127.5).sub(1)
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        self.mean.append(dist.mean.float().cpu())
-        self.std.append(dist.std.float().cpu())
+        mean, std = posterior(vae, pixels)
+        self.mean.append(mean)
+        self.std.append(std)
         self.items += items
         if len(self.items) >= self.shard_size:
             self.flush()

@@ -9,21 +9,22 @@ from safetensors.torch import load_file
 
 from hypersd.distill.cache import shards
 from hypersd.distill.data import Batch, draw_dropout, drop_captions, map_cond
+from hypersd.distill.latents import LatentScale
 
 
 class CachedExamples:
     """Images' latent posteriors and their captions' conditioning, read from a cache entry.
 
     A draw is the same function of the generator as ``LatentCaptions``': indices, then the
-    dropped captions, then z ~ N(mean, std²), scaled (and shifted, for SD3's and FLUX's VAEs).
+    dropped captions, then z ~ N(mean, std²), normalised as ``hypersd.distill.latents`` says
+    (scaled; shifted for SD3's and FLUX's VAEs; per channel for Qwen-Image's).
     """
 
     has_images = True
 
     def __init__(self, folder: Path, vae_config, caption_dropout: float = 0.0, device="cpu"):
         self.shards = shards.Shards(folder)
-        self.scale = vae_config.scaling_factor
-        self.shift = getattr(vae_config, "shift_factor", None) or 0.0
+        self.normalise = LatentScale.of(vae_config)
         self.uncond = shards.unflatten(load_file(str(folder / shards.UNCOND)))
         self.caption_dropout, self.device = caption_dropout, torch.device(device)
 
@@ -44,7 +45,7 @@ class CachedExamples:
         if "time_ids" in rows:  # SDXL: both branches see the image's own size and crop
             cond["added_cond_kwargs"]["time_ids"] = rows["time_ids"]
             uncond["added_cond_kwargs"]["time_ids"] = rows["time_ids"]
-        return drop_captions(Batch(captions, cond, uncond, (z - self.shift) * self.scale), drop)
+        return drop_captions(Batch(captions, cond, uncond, self.normalise(z)), drop)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

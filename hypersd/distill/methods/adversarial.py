@@ -51,9 +51,10 @@ def encoder_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> list
 
 
 def token_features(net, x: torch.Tensor, t: torch.Tensor, cond: dict, call) -> list[torch.Tensor]:
-    """A FLUX or SD3 transformer's image-token states after each double-stream (joint) block and
-    after its last single-stream block, as (B, D, h, w) grids: the transformer's analogue of a
-    UNet's encoder levels. ``t`` is the network's time; ``call`` its call convention."""
+    """A FLUX, SD3 or Qwen-Image transformer's image-token states after each double-stream
+    (joint) block and after its last single-stream block (FLUX's; the others have none), as
+    (B, D, h, w) grids: the transformer's analogue of a UNet's encoder levels. ``t`` is the
+    network's time; ``call`` its call convention."""
     singles = list(getattr(net, "single_transformer_blocks", []))[-1:]
     feats: list[torch.Tensor] = []
     grab = lambda module, args, out: feats.append(out[-1] if isinstance(out, tuple) else out)  # noqa: E731

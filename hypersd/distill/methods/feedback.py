@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hypersd.distill.data import Batch
+from hypersd.distill.latents import decode
 from hypersd.distill.protocol import Method, StageContext, clear_grads, no_grad_pass, register
 from hypersd.distill.schedule import tcd_timesteps
 from hypersd.rewards import check_reward, load_reward
@@ -52,9 +53,8 @@ class RewardLoss:
         self.needs_references = any(r.needs_references for r in self.rewards)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1]."""
-        vae = self.vae
-        return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1)
+        """Latents -> images in [-1, 1], as the family's pipeline decodes them (``distill.latents``)."""
+        return decode(self.vae, x0).clamp(-1, 1)
 
     def __call__(self, x0: torch.Tensor, prompts: list[str], references: torch.Tensor | None = None):
         """The loss of the rewards that compare with ``references`` (given) or not (None), and logs."""

@@ -8,11 +8,27 @@ from diffusers import FluxPipeline
 
 from hypersd.generate import generate
 
-from hypersd.models.mini_flow import load_flow_text_encoder
+from hypersd.models.mini_flow import MINI_FLOW_DIR, load_flow_text_encoder
 from hypersd.teacher import TeacherConfig, train_teacher
 from hypersd.teacher.config import FLOW_HANDOFF, TEACHER_HANDOFF
 from hypersd.teacher.flow import export_flow_pipeline
 from hypersd.teacher.train import handoff_from_checkpoint
+
+
+def test_stock_diffusers_loads_the_bundled_flow_model_and_matches_ours():
+    tok, enc = load_flow_text_encoder()
+    pipe = FluxPipeline.from_pretrained(MINI_FLOW_DIR, text_encoder=enc, text_encoder_2=enc, tokenizer=tok,
+                                        tokenizer_2=tok, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.joint_attention_dim == enc.config.hidden_size == 384
+    stock = pipe(["rocket", "red apple"], negative_prompt=["", ""], true_cfg_scale=3.0, max_sequence_length=32,
+                 height=32, width=32, num_inference_steps=4,
+                 generator=[torch.Generator().manual_seed(0) for _ in range(2)]).images
+    ours = generate(["rocket", "red apple"], model="mini-flow", recipe="mini-flow", steps=4, seed=0).images
+    a = np.stack([np.asarray(i, np.float32) for i in stock])
+    b = np.stack([np.asarray(i, np.float32) for i in ours])
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (2, 32, 32, 3) and np.abs(a[0] - a[1]).mean() > 5, "different prompts gave the same image"
 
 
 def test_flow_phase_has_its_own_handoff():

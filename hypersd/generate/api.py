@@ -19,8 +19,8 @@ from hypersd.generate.controlnet import add_controlnets, check_controls
 from hypersd.generate.grid import make_grid
 from hypersd.generate.fast import FastPipeline
 from hypersd.generate.flow import T5_TOKENIZER
-from hypersd.generate.loading import (check_recipe_fits, load_pipeline, model_family, prompt_arguments,
-                                      recipe_settings)
+from hypersd.generate.loading import (BUNDLED_FLOW, check_recipe_fits, load_pipeline, model_family,
+                                      prompt_arguments, recipe_settings)
 from hypersd.generate.prompt_loras import plan_loras
 from hypersd.generate.recipes import ALL_SAMPLERS, Recipe, get_recipe
 
@@ -82,6 +82,12 @@ def resolve_recipe(recipe: str | Recipe | None = None, *, steps=None, sampler=No
     return base.with_overrides(steps=steps, sampler=sampler, eta=eta, guidance=guidance,
                                timesteps=tuple(timesteps) if timesteps else None,
                                distilled_guidance=distilled_guidance)
+
+
+def default_recipe(model: str | None) -> str:
+    """The recipe a model is run with when neither the caller nor a file names one: the bundled
+    flow model's own (``mini-flow``), else the teacher's."""
+    return BUNDLED_FLOW if model == BUNDLED_FLOW else "teacher"
 
 
 def _check_request(prompts: list[str], batch: int, seed: int) -> list[str]:
@@ -181,7 +187,7 @@ def generate(prompts: list[str], *, model: str | None = None, loras: list[str] =
     prompts = _check_request(list(prompts), batch, seed)
     size = _check_size(width, height)
     plan = plan_loras(prompts, loras, lora_dir)  # before the model loads: a bad file or tag fails fast
-    choice = choose_recipe(recipe, steps, [unet, *plan.files])
+    choice = choose_recipe(recipe, steps, [unet, *plan.files], default_recipe(model))
     with choice.explaining():  # a recipe picked for the user that refuses their settings says why
         r = resolve_recipe(choice.recipe, steps=choice.steps, sampler=sampler, eta=eta, guidance=guidance,
                            distilled_guidance=distilled_guidance)

@@ -83,17 +83,18 @@ class Choice:
             note(f"recipe {recipe.name} ({n} step{'s' * (n != 1)}): {self.why}")
 
 
-def choose_recipe(recipe: str | Recipe | None, steps: int | None, files) -> Choice:
+def choose_recipe(recipe: str | Recipe | None, steps: int | None, files, default: str = "teacher") -> Choice:
     """``recipe`` if given (silently); else the recipe the first file with an opinion was made
-    for (a LoRA's or UNet's header, then its name), else the teacher's. Files without an
-    opinion (a style LoRA) are passed over; later files that disagree are named and ignored."""
+    for (a LoRA's or UNet's header, then its name), else the model's ``default`` (the teacher's,
+    or the bundled flow model's own). Files without an opinion (a style LoRA) are passed over;
+    later files that disagree are named and ignored."""
     files = [str(f) for f in files if f]
     if recipe is not None or not files:
-        return Choice(recipe, steps)
+        return Choice(recipe if recipe is not None else default, steps)
     verdicts = [v for v in map(verdict, files) if v is not None]
     if not verdicts:
         names = ", ".join(Path(f).name for f in files)
-        return Choice("teacher", steps, f"no file says which recipe it was made for ({names})")
+        return Choice(default, steps, f"no file says which recipe it was made for ({names})")
     first = verdicts[0]
     why = first.why + "".join(f"; {Path(v.file).name} suggests {v.recipe}, ignored: the first file's wins"
                               for v in verdicts[1:] if v.recipe != first.recipe)

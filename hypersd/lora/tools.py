@@ -39,7 +39,7 @@ class LoraFile:
 
     @property
     def base(self) -> str:
-        """"sd1", "sdxl", "sd3" or "flux" (``hypersd.lora.metadata.base_of``)."""
+        """"sd1", "sdxl", "sd3", "flux" or "qwen-image" (``hypersd.lora.metadata.base_of``)."""
         cross = {a.shape[1] for n, (a, _, _) in self.modules.items()
                  if "attn2" in n and ("to_k" in n or "to_v" in n)}
         return base_of(self.modules, self.metadata, cross)

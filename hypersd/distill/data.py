@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hypersd.distill.latents import LatentScale, posterior
+
 
 @dataclass
 class Batch:
@@ -121,7 +123,6 @@ class LatentCaptions(Prompts):
     @torch.no_grad()
     def __init__(self, pipe, images: torch.Tensor, captions: list[str], chunk: int = 256,
                  caption_dropout: float = 0.0):
-        from hypersd.distill.latents import LatentScale, posterior
         dists = [posterior(pipe.vae, images[i:i + chunk]) for i in range(0, len(images), chunk)]
         self.mean = torch.cat([m for m, _ in dists])
         self.std = torch.cat([s for _, s in dists])
